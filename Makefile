@@ -1,0 +1,55 @@
+# The README's two commands. Each builds .venv when missing, then runs.
+#   make app    the main job (for now `attnpack info`; the Gradio app replaces it)
+#   make test   ruff (lint + format check) and the test suite, offline
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Any pip arguments for torch, e.g. TORCH_SPEC="torch==2.9.1 --index-url https://download.pytorch.org/whl/cu128".
+TORCH_SPEC ?=
+# Where a machine without a CUDA GPU gets torch: the CPU build, not several GB of CUDA packages.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+STAMP := $(VENV)/.attnpack-installed
+
+.PHONY: app test lint format install gpu-test clean
+
+app: $(STAMP)
+	$(BIN)/attnpack info
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu"
+
+gpu-test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/pytest -m gpu
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@if [ -n "$(TORCH_SPEC)" ]; then \
+		echo "installing torch from TORCH_SPEC: $(TORCH_SPEC)"; \
+		$(BIN)/python -m pip install $(TORCH_SPEC); \
+	elif $(BIN)/python -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		echo "CUDA GPU found: installing torch with CUDA"; \
+		$(BIN)/python -m pip install torch; \
+	else \
+		echo "no CUDA GPU found: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
+		$(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) torch; \
+	fi
+	$(BIN)/python -m pip install -e ".[dev]"
+	@touch $@
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""attnpack.app: the Gradio web app. Until it lands, `make app` runs `attnpack info`."""

@@ -1,0 +1,217 @@
+"""attach / apply / remove: how attnpack goes into a pipeline and comes out again without a trace."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .context import SITE_ATTR, AttentionSite, AttnContext, DenoiserHook, StepCounter
+from .families import FAMILIES, Family, family_of
+from .families.base import processor_of
+from .methods import AttentionMethod, make_method
+
+logger = logging.getLogger("attnpack")
+
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
+STATE_ATTR = "_attnpack"
+
+
+@dataclass(eq=False)
+class Attachment:
+    """What `attach` put into a pipeline, so that `remove` can take all of it out."""
+
+    context: AttnContext
+    denoisers: dict[str, tuple[torch.nn.Module, Family]]
+    modules: list[tuple[torch.nn.Module, AttentionSite]]
+    hooks: list[Any]
+    steps: StepCounter | None
+    handles: list[Handle] = field(default_factory=list)
+
+
+def attach(pipe) -> AttnContext:
+    """Install attnpack's context hooks on a pipeline (or a bare denoiser). Idempotent.
+
+    Returns the `AttnContext` the pipeline's attention layers share. After this,
+    `pipe.transformer.set_attn_processor(attnpack.SomeMethod(...))` works as well as `attnpack.apply`.
+    """
+    attachment = getattr(pipe, STATE_ATTR, None)
+    if attachment is not None:
+        return attachment.context
+
+    denoisers = find_denoisers(pipe)
+    context = AttnContext()
+    is_pipeline = not isinstance(pipe, torch.nn.Module)
+    steps = StepCounter(pipe, context) if is_pipeline else None
+    modules: list[tuple[torch.nn.Module, AttentionSite]] = []
+    hooks = []
+    for attr, (model, family) in denoisers.items():
+        role_counts: dict = {}
+        index = 0
+        for name, module in family.attention_modules(model):
+            found = family.classify(name, module)
+            if found is None:
+                logger.info(
+                    "attnpack leaves %s.%s alone: %s with %s is not a processor attnpack reproduces",
+                    attr,
+                    name,
+                    type(module).__name__,
+                    type(processor_of(module)).__name__,
+                )
+                continue
+            adapter, role = found
+            site = AttentionSite(
+                name=f"{attr}.{name}" if is_pipeline else name,
+                family=family,
+                adapter=adapter,
+                role=role,
+                index=index,
+                role_index=role_counts.get(role, 0),
+                context=context,
+                stock_processor=processor_of(module),
+            )
+            index += 1
+            role_counts[role] = role_counts.get(role, 0) + 1
+            modules.append((module, site))
+        hooks.append(
+            model.register_forward_pre_hook(DenoiserHook(context, family, attr, steps), with_kwargs=True)
+        )
+
+    for module, site in modules:
+        setattr(module, SITE_ATTR, site)
+    context.sites = [site for _, site in modules]
+    if steps is not None:
+        steps.refresh()
+    setattr(pipe, STATE_ATTR, Attachment(context, denoisers, modules, hooks, steps))
+    return context
+
+
+def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
+    """Swap `method` into every attention layer of `pipe` whose family and role it acts on.
+
+    `method` is a name ("dense", ...) with its settings as keywords, or a method object. Layers the method
+    does not act on keep their processors. Returns a `Handle`; `handle.remove()` (or leaving a
+    `with attnpack.apply(...):` block) puts the exact original processor objects back.
+    """
+    method = make_method(method, **config)
+    attach(pipe)
+    attachment: Attachment = getattr(pipe, STATE_ATTR)
+    targets = [
+        module
+        for module, site in attachment.modules
+        if site.family.name in method.families and site.role in method.roles
+    ]
+    if not targets:
+        found = ", ".join(
+            f"{attr}: {type(model).__name__} ({family.name})"
+            for attr, (model, family) in attachment.denoisers.items()
+        )
+        roles = sorted(role.value for role in method.roles)
+        raise ValueError(
+            f"{type(method).__name__} ({method.name!r}) acts on the families {list(method.families)} "
+            f"(layer roles {roles}); this pipeline has {found}, with no such layer"
+        )
+    handle = Handle(attachment, method, {})
+    for module in targets:
+        handle.replaced[module] = module.processor
+        module.set_processor(method)
+    attachment.handles.append(handle)
+    return handle
+
+
+def remove(pipe) -> bool:
+    """Take attnpack out of `pipe` entirely: every method it applied, processors set directly with
+    `set_attn_processor` after `attach`, the context hooks and every attribute it set. Returns False if
+    attnpack was not attached."""
+    attachment: Attachment | None = getattr(pipe, STATE_ATTR, None)
+    if attachment is None:
+        return False
+    for handle in reversed(list(attachment.handles)):
+        handle.remove()
+    for module, site in attachment.modules:
+        if isinstance(processor_of(module), AttentionMethod):
+            module.set_processor(site.stock_processor)
+        if getattr(module, SITE_ATTR, None) is site:
+            delattr(module, SITE_ATTR)
+    for hook in attachment.hooks:
+        hook.remove()
+    if attachment.steps is not None:
+        attachment.steps.unwrap()
+    delattr(pipe, STATE_ATTR)
+    return True
+
+
+class Handle:
+    """One `apply`: the processors it replaced, so that `remove()` can put them back."""
+
+    def __init__(self, attachment: Attachment, method: AttentionMethod, replaced: dict):
+        self.attachment = attachment
+        self.method = method
+        self.replaced: dict[torch.nn.Module, Any] = replaced
+        self.removed = False
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.replaced)
+
+    def remove(self) -> None:
+        """Put back what this apply replaced. Applies stack: removing one in the middle hands its
+        originals to the apply that came after it."""
+        if self.removed:
+            return
+        handles = self.attachment.handles
+        for module, previous in self.replaced.items():
+            later = [h for h in handles[handles.index(self) + 1 :] if module in h.replaced]
+            if later:
+                later[0].replaced[module] = previous
+            elif module.processor is self.method:
+                module.set_processor(previous)
+        handles.remove(self)
+        self.removed = True
+
+    def __enter__(self) -> Handle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else f"{self.num_layers} layers"
+        return f"<attnpack.Handle {self.method!r}: {state}>"
+
+
+def find_denoisers(pipe) -> dict[str, tuple[torch.nn.Module, Family]]:
+    """The pipeline's denoisers that attnpack supports, by attribute name."""
+    if pipe is None or isinstance(pipe, (str, bytes, int, float)):
+        raise TypeError(
+            f"pipe={pipe!r} ({type(pipe).__name__}) must be a diffusers pipeline or a denoiser model "
+            "(a transformer or UNet)"
+        )
+    if isinstance(pipe, torch.nn.Module):
+        candidates = {type(pipe).__name__: pipe}
+    else:
+        candidates = {attr: getattr(pipe, attr, None) for attr in DENOISER_ATTRIBUTES}
+        candidates = {attr: model for attr, model in candidates.items() if model is not None}
+        if not candidates:
+            raise ValueError(
+                f"pipe: {type(pipe).__name__} has no denoiser; attnpack expects a `transformer`, "
+                f"`transformer_2` or `unet` component"
+            )
+    found, unsupported = {}, []
+    for attr, model in candidates.items():
+        model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+        family = family_of(model)
+        if family is None:
+            unsupported.append(f"{attr}: {type(model).__name__}")
+        else:
+            found[attr] = (model, family)
+    if not found:
+        supported = ", ".join(
+            f"{family.name} ({', '.join(family.denoiser_classes)})" for family in FAMILIES.values()
+        )
+        raise ValueError(
+            f"pipe: no attnpack family supports {', '.join(unsupported)}; supported families: {supported}"
+        )
+    return found

@@ -1,0 +1,120 @@
+"""What a model family provides: its attention sites, its denoiser inputs, and an adapter per processor.
+
+An adapter turns one call of a diffusers attention module into canonical `(q, k, v)` in `(B, S, H, D)`
+plus a `TokenLayout` (`project`), and the attention output back into what the module's stock processor
+returns (`finish`). Between the two, the stock processor would call SDPA; an attnpack method runs its own
+attention instead. With dense attention in between, project + finish reproduce the stock processor.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..layout import Role, TokenLayout
+
+if TYPE_CHECKING:
+    from ..context import AttentionSite, AttnContext
+
+
+@dataclass(eq=False)
+class AttnCall:
+    """One attention call in canonical form.
+
+    `attn_mask` is in SDPA's convention, broadcastable to (B, H, Sq, Sk): boolean (True = may attend) or
+    additive. `extra_context` holds further (key, value) sets that the same queries attend to separately,
+    the outputs being added (Wan I2V's image context).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    layout: TokenLayout
+    module: torch.nn.Module
+    site: AttentionSite | None
+    context: AttnContext | None
+    attn_mask: torch.Tensor | None = None
+    scale: float | None = None
+    extra_context: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    state: dict[str, Any] = field(default_factory=dict)  # what the adapter's finish() needs
+
+
+class Adapter(ABC):
+    """Canonical q, k, v for one attention module class and its stock processor."""
+
+    name: str = ""
+    stock_processors: tuple[type, ...] = ()
+
+    @abstractmethod
+    def project(
+        self,
+        attn: torch.nn.Module,
+        site: AttentionSite | None,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        rotary_emb: Any,
+        temb: torch.Tensor | None,
+    ) -> AttnCall:
+        """Canonical q, k, v (B, S, H, D), layout and mask for one call of the module."""
+
+    @abstractmethod
+    def finish(self, call: AttnCall, out: torch.Tensor, extra_out: list[torch.Tensor]) -> Any:
+        """`out` is (B, Sq, H, D); `extra_out` holds one output per `call.extra_context` entry."""
+
+
+class Family(ABC):
+    """A family of diffusers denoisers that share attention modules and input conventions."""
+
+    name: str = ""
+    title: str = ""  # for people: "FLUX", "Stable Diffusion UNets (SD 1.5, SD 2.x, SDXL, AnimateDiff)"
+    denoiser_classes: tuple[str, ...] = ()  # diffusers class names
+
+    def matches(self, model: torch.nn.Module) -> bool:
+        names = {cls.__name__ for cls in type(model).__mro__}
+        return any(name in names for name in self.denoiser_classes)
+
+    @abstractmethod
+    def classify(self, name: str, module: torch.nn.Module) -> tuple[Adapter, Role] | None:
+        """The adapter and role for one attention module, or None when attnpack cannot reproduce it."""
+
+    def forward_order(self, name: str) -> tuple:
+        """Sort key that puts attention modules in the order the forward pass runs them."""
+        return ()
+
+    @abstractmethod
+    def read_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], ctx: AttnContext) -> None:
+        """Fill the context from one denoiser forward call's arguments."""
+
+    def attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
+        """Every module that holds an attention processor, in forward order."""
+        found = [(name, module) for name, module in model.named_modules() if hasattr(module, "set_processor")]
+        # sorted() is stable: modules the family does not order keep their registration order.
+        return iter(sorted(found, key=lambda item: self.forward_order(item[0])))
+
+
+def sdpa_mask(
+    attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor | None:
+    """A (B, Sk) key mask as (B, 1, 1, Sk), the way diffusers' dispatch_attention_fn reads one."""
+    if (
+        attention_mask is not None
+        and attention_mask.ndim == 2
+        and attention_mask.shape[0] == query.shape[0]
+        and attention_mask.shape[1] == key.shape[1]
+    ):
+        return attention_mask[:, None, None, :]
+    return attention_mask
+
+
+def processor_of(module: torch.nn.Module) -> Any:
+    return getattr(module, "processor", None)
+
+
+def unflatten_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, S, H * D) -> (B, S, H, D)."""
+    return x.unflatten(-1, (heads, -1))

@@ -1,0 +1,122 @@
+"""The base every attnpack method builds on: a validated config that is also a diffusers attention processor."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ..context import SITE_ATTR
+from ..families import ADAPTERS_BY_MODULE
+from ..families.base import AttnCall
+from ..kernels import dense_attention
+from ..layout import Role
+
+ATTACH_HINT = "call attnpack.attach(pipe) before pipe.transformer / pipe.unet .set_attn_processor(...)"
+
+
+class AttentionMethod:
+    """An attention method. Subclasses are dataclasses of their settings and implement `attend`.
+
+    An instance is a diffusers attention processor for every supported family: `attnpack.apply(pipe,
+    method)` installs it where its families and roles match, or, after `attnpack.attach(pipe)`,
+    `pipe.transformer.set_attn_processor(method)` installs it everywhere (layers the method does not act on
+    then run dense attention through the same path, which reproduces the stock processor).
+    """
+
+    name: ClassVar[str] = ""
+    families: ClassVar[tuple[str, ...]] = ()  # family names the method acts on
+    roles: ClassVar[frozenset[Role]] = frozenset()  # layer roles it acts on
+    needs_context: ClassVar[bool] = False  # needs attnpack.attach (grids, steps, text spans)
+
+    # The union of the families' processor signatures. diffusers' `Attention` forwards only keyword
+    # arguments this signature names, so every one a family passes is spelled out. FLUX and Wan pass the
+    # rotary embedding positionally as the fifth argument; it lands in `image_rotary_emb` either way.
+    def __call__(
+        self,
+        attn: torch.nn.Module,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        image_rotary_emb: Any = None,
+        temb: torch.Tensor | None = None,
+        rotary_emb: Any = None,
+        **kwargs: Any,
+    ):
+        site = getattr(attn, SITE_ATTR, None)
+        if site is not None:
+            adapter, ctx = site.adapter, site.context
+            ctx.site = site
+        else:
+            adapter, ctx = ADAPTERS_BY_MODULE.get(type(attn).__name__), None
+            if adapter is None:
+                raise RuntimeError(
+                    f"{type(self).__name__} is running on a {type(attn).__name__} module that attnpack has not "
+                    f"attached, so it cannot tell which model family the module belongs to: {ATTACH_HINT}"
+                )
+        if self.needs_context and ctx is None:
+            raise RuntimeError(
+                f"{type(self).__name__} needs the denoising context (grids, steps): {ATTACH_HINT}"
+            )
+        rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
+        call = adapter.project(attn, site, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
+        family = site.family.name if site is not None else adapter.name
+        acts = family in self.families and call.layout.role in self.roles
+        out = self.attend(call) if acts else dense(call)
+        extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
+        return adapter.finish(call, out, extra_out)
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
+        raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Attention of the call's queries to one extra context (Wan I2V's image tokens): dense by default."""
+        return dense_attention(call.query, key, value, scale=call.scale)
+
+    def config(self) -> dict[str, Any]:
+        """The method's settings, for metadata and reports: {"method": name, **fields}."""
+        return {"method": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+        return f"{type(self).__name__}({settings})"
+
+
+def dense(call: AttnCall) -> torch.Tensor:
+    return dense_attention(call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale)
+
+
+# Validation helpers: a bad value raises ValueError naming the parameter, the value and what is accepted.
+
+
+def check_choice(owner: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        accepted = ", ".join(repr(c) for c in choices)
+        raise ValueError(f"{owner}: {name}={value!r} is not accepted; choose one of {accepted}")
+
+
+def check_number(
+    owner: str,
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+    integer: bool = False,
+) -> None:
+    kind = "an integer" if integer else "a number"
+    valid_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    valid = valid_type and not isinstance(value, bool) and math.isfinite(value)
+    if valid and low is not None:
+        valid = value >= low if low_inclusive else value > low
+    if valid and high is not None:
+        valid = value <= high if high_inclusive else value < high
+    if not valid:
+        left = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
+        right = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{owner}: {name}={value!r} is out of range; expected {kind} in {left}, {right}")

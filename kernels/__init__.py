@@ -1,0 +1,72 @@
+"""attnpack.kernels: attention ops in diffusers' (B, S, H, D) layout.
+
+Each op lives in its own folder with a plain torch `reference.py` (the spec) and dispatch in its
+`__init__.py`: Triton on CUDA, the reference elsewhere. `backends()` reports what this machine can run.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+
+from .dense import dense_attention
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    available: bool
+    detail: str
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def backends() -> list[Backend]:
+    """The attention backends this machine has, with why one is missing."""
+    cuda = torch.cuda.is_available()
+    triton = _version("triton")
+    found = []
+    if triton is None:
+        found.append(Backend("triton", False, "not installed (Linux only)"))
+    elif cuda:
+        found.append(Backend("triton", True, f"triton {triton} on {torch.cuda.get_device_name()}"))
+    else:
+        found.append(
+            Backend("triton", False, f"triton {triton} installed; no CUDA GPU (TRITON_INTERPRET=1 tests)")
+        )
+
+    if cuda:
+        enabled = [
+            name
+            for name, on in (
+                ("flash", torch.backends.cuda.flash_sdp_enabled()),
+                ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
+                ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
+                ("math", torch.backends.cuda.math_sdp_enabled()),
+            )
+            if on
+        ]
+        found.append(Backend("sdpa", True, f"CUDA: {', '.join(enabled)}"))
+    else:
+        found.append(Backend("sdpa", True, "CPU"))
+
+    flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
+    found.append(
+        Backend("flex_attention", flex, "comparison backend" if flex else f"torch {torch.__version__}")
+    )
+    xformers = _version("xformers")
+    found.append(
+        Backend("xformers", xformers is not None, xformers or "not installed (extra: attnpack[xformers])")
+    )
+    return found
+
+
+__all__ = ["Backend", "backends", "dense_attention"]
