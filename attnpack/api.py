@@ -51,14 +51,17 @@ def attach(pipe) -> AttnContext:
         role_counts: dict = {}
         index = 0
         for name, module in family.attention_modules(model):
-            found = family.classify(name, module)
+            processor = processor_of(module)
+            # An attnpack method already on the module (set before attach) stands in for the stock processor.
+            is_method = isinstance(processor, AttentionMethod)
+            found = family.classify(name, module, None if is_method else processor)
             if found is None:
                 logger.info(
                     "attnpack leaves %s.%s alone: %s with %s is not a processor attnpack reproduces",
                     attr,
                     name,
                     type(module).__name__,
-                    type(processor_of(module)).__name__,
+                    type(processor).__name__,
                 )
                 continue
             adapter, role = found
@@ -70,7 +73,7 @@ def attach(pipe) -> AttnContext:
                 index=index,
                 role_index=role_counts.get(role, 0),
                 context=context,
-                stock_processor=processor_of(module),
+                stock_processor=adapter.default_processor() if is_method else processor,
             )
             index += 1
             role_counts[role] = role_counts.get(role, 0) + 1

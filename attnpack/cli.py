@@ -50,7 +50,9 @@ def system_info() -> dict[str, Any]:
     return {
         "attnpack": __version__,
         "python": platform.python_version(),
-        "versions": {name: _version(name) for name in ("torch", "triton", "diffusers", "transformers", "accelerate")},
+        "versions": {
+            name: _version(name) for name in ("torch", "triton", "diffusers", "transformers", "accelerate")
+        },
         "device": device,
         "backends": [vars(backend) for backend in backends()],
         "methods": {
@@ -83,7 +85,9 @@ def format_info(info: dict[str, Any]) -> str:
         "kernel backends:",
     ]
     for backend in info["backends"]:
-        lines.append(f"  {backend['name']:<15} {'yes' if backend['available'] else 'no ':<4} {backend['detail']}")
+        lines.append(
+            f"  {backend['name']:<15} {'yes' if backend['available'] else 'no ':<4} {backend['detail']}"
+        )
     lines += ["", "methods:"]
     for name, method in info["methods"].items():
         lines.append(f"  {name:<10} {method['class']:<22} families: {', '.join(method['families'])}")
@@ -100,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--version", action="version", version=f"attnpack {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = commands.add_parser("info", help="versions, device, kernel backends, methods and the families they support")
+    info = commands.add_parser(
+        "info", help="versions, device, kernel backends, methods and the families they support"
+    )
     info.add_argument("--json", action="store_true", help="print the report as JSON")
     args = parser.parse_args(argv)
 

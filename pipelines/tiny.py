@@ -383,7 +383,10 @@ def build_wan_i2v(seed: int = 0):
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
             image_processor=ImageProcessor(crop_size=32, size=32),
             image_encoder=image_encoder,
-            transformer=_seeded(seed, lambda: _wan_transformer(in_channels=36, image_dim=4)),
+            # added_kv_proj_dim gives attn2 the image-context projections, as in the real I2V models
+            transformer=_seeded(
+                seed, lambda: _wan_transformer(in_channels=36, image_dim=4, added_kv_proj_dim=24)
+            ),
         )
     )
 

@@ -13,7 +13,11 @@ TOLERANCE = 1e-5  # fp32
 
 
 def processors(pipe) -> dict[str, object]:
-    return {f"{i}.{name}": p for i, model in enumerate(denoisers(pipe)) for name, p in model.attn_processors.items()}
+    return {
+        f"{i}.{name}": p
+        for i, model in enumerate(denoisers(pipe))
+        for name, p in model.attn_processors.items()
+    }
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -31,7 +35,9 @@ def test_apply_dense_matches_stock_and_remove_restores(name):
     handle.remove()
     after_remove = processors(pipe)
     assert after_remove.keys() == before.keys()
-    assert all(after_remove[key] is before[key] for key in before), "remove() must restore the original objects"
+    assert all(after_remove[key] is before[key] for key in before), (
+        "remove() must restore the original objects"
+    )
     assert torch.equal(run_tiny(pipe, name), stock)
 
 

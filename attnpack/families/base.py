@@ -66,6 +66,15 @@ class Adapter(ABC):
     def finish(self, call: AttnCall, out: torch.Tensor, extra_out: list[torch.Tensor]) -> Any:
         """`out` is (B, Sq, H, D); `extra_out` holds one output per `call.extra_context` entry."""
 
+    def reproduces(self, processor: Any) -> bool:
+        """Whether this adapter computes what `processor` does: exactly its stock classes, not subclasses,
+        which may change anything. None stands for an attnpack method, which runs through this adapter."""
+        return processor is None or type(processor) in self.stock_processors
+
+    def default_processor(self) -> Any:
+        """A fresh stock processor, for a module that already had an attnpack method when it was attached."""
+        return self.stock_processors[0]()
+
 
 class Family(ABC):
     """A family of diffusers denoisers that share attention modules and input conventions."""
@@ -79,8 +88,12 @@ class Family(ABC):
         return any(name in names for name in self.denoiser_classes)
 
     @abstractmethod
-    def classify(self, name: str, module: torch.nn.Module) -> tuple[Adapter, Role] | None:
-        """The adapter and role for one attention module, or None when attnpack cannot reproduce it."""
+    def classify(self, name: str, module: torch.nn.Module, processor: Any) -> tuple[Adapter, Role] | None:
+        """The adapter and role for one attention module, or None when attnpack cannot reproduce it.
+
+        `processor` is the module's processor, or None when that is an attnpack method (which stands in
+        for the stock processor).
+        """
 
     def forward_order(self, name: str) -> tuple:
         """Sort key that puts attention modules in the order the forward pass runs them."""

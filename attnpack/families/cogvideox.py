@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention, CogVideoXAttnProcess
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, processor_of, unflatten_heads
+from .base import Adapter, AttnCall, Family, unflatten_heads
 
 
 class CogVideoXAdapter(Adapter):
@@ -79,8 +79,8 @@ class CogVideoXFamily(Family):
     title = "CogVideoX 1.0 / 1.5 (CogVideoXTransformer3DModel)"
     denoiser_classes = ("CogVideoXTransformer3DModel",)
 
-    def classify(self, name: str, module: torch.nn.Module):
-        if type(module) is Attention and isinstance(processor_of(module), ADAPTER.stock_processors):
+    def classify(self, name: str, module: torch.nn.Module, processor):
+        if type(module) is Attention and ADAPTER.reproduces(processor):
             return ADAPTER, Role.JOINT
         return None
 

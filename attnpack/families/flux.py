@@ -15,7 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, processor_of, sdpa_mask
+from .base import Adapter, AttnCall, Family, sdpa_mask
 
 
 class FluxAdapter(Adapter):
@@ -95,8 +95,8 @@ class FluxFamily(Family):
     title = "FLUX.1 (FluxTransformer2DModel)"
     denoiser_classes = ("FluxTransformer2DModel",)
 
-    def classify(self, name: str, module: torch.nn.Module):
-        if isinstance(module, FluxAttention) and isinstance(processor_of(module), ADAPTER.stock_processors):
+    def classify(self, name: str, module: torch.nn.Module, processor):
+        if type(module) is FluxAttention and ADAPTER.reproduces(processor):
             return ADAPTER, Role.JOINT
         return None
 

@@ -13,7 +13,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, processor_of, sdpa_mask, unflatten_heads
+from .base import Adapter, AttnCall, Family, sdpa_mask, unflatten_heads
 from .unet import ATTENTION
 
 
@@ -104,15 +104,12 @@ class HunyuanVideoFamily(Family):
     title = "HunyuanVideo (HunyuanVideoTransformer3DModel)"
     denoiser_classes = ("HunyuanVideoTransformer3DModel",)
 
-    def classify(self, name: str, module: torch.nn.Module):
+    def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is not Attention:
             return None
-        processor = processor_of(module)
-        if isinstance(processor, ADAPTER.stock_processors):
-            return ADAPTER, Role.JOINT
-        if name.startswith("context_embedder.") and isinstance(processor, ATTENTION.stock_processors):
-            return ATTENTION, Role.TEXT
-        return None
+        if name.startswith("context_embedder."):
+            return (ATTENTION, Role.TEXT) if ATTENTION.reproduces(processor) else None
+        return (ADAPTER, Role.JOINT) if ADAPTER.reproduces(processor) else None
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # (B, C, F, H, W)

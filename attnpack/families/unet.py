@@ -13,7 +13,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ..layout import Role, TokenLayout, downsampled_grid
-from .base import Adapter, AttnCall, Family, processor_of, unflatten_heads
+from .base import Adapter, AttnCall, Family, unflatten_heads
 
 
 class AttentionAdapter(Adapter):
@@ -112,8 +112,8 @@ class UNetFamily(Family):
     title = "Stable Diffusion UNets: SD 1.5, SD 2.x, SDXL, AnimateDiff (UNetMotionModel)"
     denoiser_classes = ("UNet2DConditionModel", "UNetMotionModel")
 
-    def classify(self, name: str, module: torch.nn.Module):
-        if type(module) is not Attention or not isinstance(processor_of(module), ATTENTION.stock_processors):
+    def classify(self, name: str, module: torch.nn.Module, processor):
+        if type(module) is not Attention or not ATTENTION.reproduces(processor):
             return None
         if "motion_modules" in name:
             return ATTENTION, Role.TEMPORAL

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, processor_of, sdpa_mask, unflatten_heads
+from .base import Adapter, AttnCall, Family, sdpa_mask, unflatten_heads
 
 # WanAttnProcessor's rule: the text context is the last 512 tokens, the image context what comes before.
 TEXT_CONTEXT_LEN = 512
@@ -99,8 +99,8 @@ class WanFamily(Family):
     title = "Wan 2.1 / 2.2 (WanTransformer3DModel; T2V and I2V)"
     denoiser_classes = ("WanTransformer3DModel",)
 
-    def classify(self, name: str, module: torch.nn.Module):
-        if isinstance(module, WanAttention) and isinstance(processor_of(module), ADAPTER.stock_processors):
+    def classify(self, name: str, module: torch.nn.Module, processor):
+        if type(module) is WanAttention and ADAPTER.reproduces(processor):
             return ADAPTER, Role.CROSS if module.is_cross_attention else Role.SELF
         return None
 

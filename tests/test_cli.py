@@ -1,0 +1,42 @@
+"""`attnpack info`: versions, device, kernel backends, methods and their families."""
+
+import json
+import subprocess
+import sys
+
+from attnpack.cli import main
+
+
+def test_info_text(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    for expected in ("attnpack 0.1.0", "torch", "diffusers", "device:", "kernel backends:", "sdpa", "triton"):
+        assert expected in out
+    assert "dense      DenseAttention" in out
+    assert "families: unet, flux, wan, cogvideox, hunyuan_video" in out
+    assert "FLUX.1 (FluxTransformer2DModel)" in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["methods"]["dense"]["families"] == ["unet", "flux", "wan", "cogvideox", "hunyuan_video"]
+    assert report["versions"]["diffusers"]
+    assert report["device"]["type"] in ("cpu", "cuda")
+    assert {backend["name"] for backend in report["backends"]} >= {"sdpa", "triton"}
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "info" in capsys.readouterr().out
+
+
+def test_module_entry_point(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "attnpack.cli", "info"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "kernel backends:" in result.stdout
