@@ -352,6 +352,23 @@ def build_wan_t2v(seed: int = 0):
     )
 
 
+def build_wan22(seed: int = 0):
+    """Wan 2.2's two experts: `transformer` for the high-noise steps, `transformer_2` for the rest."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return _finish(
+        WanPipeline(
+            tokenizer=t5_tokenizer(),
+            text_encoder=_seeded(seed, lambda: t5_text_encoder(32, umt5=True)),
+            transformer=_seeded(seed, _wan_transformer),
+            transformer_2=_seeded(seed + 1, _wan_transformer),
+            vae=_seeded(seed, _wan_vae),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+            boundary_ratio=0.9,
+        )
+    )
+
+
 def build_wan_i2v(seed: int = 0):
     from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -560,6 +577,20 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
                 width=48,
                 num_frames=9,
                 num_inference_steps=2,
+                guidance_scale=5.0,
+                max_sequence_length=16,
+            ),
+        ),
+        TinyPipeline(
+            "tiny-wan2.2",
+            "wan",
+            "Wan 2.2 text-to-video layout: a high-noise and a low-noise expert",
+            build_wan22,
+            dict(
+                height=32,
+                width=48,
+                num_frames=9,
+                num_inference_steps=3,
                 guidance_scale=5.0,
                 max_sequence_length=16,
             ),

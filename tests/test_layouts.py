@@ -191,3 +191,14 @@ def test_downsampled_grid(full, tokens, expected):
 def test_layout_checks_its_grid():
     with pytest.raises(ValueError, match="grid"):
         TokenLayout(Role.SELF, 10, 10, grid=(3, 3))
+
+
+def test_two_denoisers_share_one_context():
+    """Wan 2.2: both experts are attached, each layer knows which denoiser it is in, steps run across both."""
+    pipe, seen = record("tiny-wan2.2")
+    ctx = attnpack.attach(pipe)
+    assert {site.name.split(".")[0] for site in ctx.sites} == {"transformer", "transformer_2"}
+    used = sorted({(name.split(".")[0], step) for name, _, step, *_ in seen})
+    experts = {expert for expert, _ in used}
+    assert experts == {"transformer", "transformer_2"}, used  # boundary 0.9: the first step is high-noise
+    assert sorted({step for _, step in used}) == [0, 1, 2]
