@@ -11,6 +11,7 @@ from __future__ import annotations
 import string
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -136,24 +137,29 @@ def _finish(pipe):
     return pipe
 
 
-def build_sd15(seed: int = 0):
-    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _sd_unet(down_block_types: tuple[str, ...], up_block_types: tuple[str, ...], **overrides):
+    """A two-level SD UNet; which levels have attention is the caller's choice."""
+    from diffusers import UNet2DConditionModel
 
-    unet = _seeded(
-        seed,
-        lambda: UNet2DConditionModel(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=2,
-        ),
+    config = dict(
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=down_block_types,
+        up_block_types=up_block_types,
+        cross_attention_dim=16,
+        attention_head_dim=4,
+        norm_num_groups=2,
     )
+    return UNet2DConditionModel(**{**config, **overrides})
+
+
+def build_sd15(seed: int = 0):
+    from diffusers import PNDMScheduler, StableDiffusionPipeline
+
+    unet = _seeded(seed, lambda: _sd_unet(("CrossAttnDownBlock2D",) * 2, ("CrossAttnUpBlock2D",) * 2))
     vae = _seeded(seed, _image_vae)
     return _finish(
         StableDiffusionPipeline(
@@ -184,18 +190,14 @@ def _image_vae(latent_channels: int = 4):
 
 
 def build_sdxl(seed: int = 0):
-    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
 
+    # SDXL: no attention at the first level, two transformer layers at the second, size and time conditioning
     unet = _seeded(
         seed,
-        lambda: UNet2DConditionModel(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        lambda: _sd_unet(
+            ("DownBlock2D", "CrossAttnDownBlock2D"),
+            ("CrossAttnUpBlock2D", "UpBlock2D"),
             attention_head_dim=(2, 4),
             use_linear_projection=True,
             addition_embed_type="text_time",
@@ -203,7 +205,6 @@ def build_sdxl(seed: int = 0):
             transformer_layers_per_block=(1, 2),
             projection_class_embeddings_input_dim=80,  # 6 * addition_time_embed_dim + text_encoder_2 projection
             cross_attention_dim=64,
-            norm_num_groups=2,
         ),
     )
     return _finish(
@@ -223,22 +224,10 @@ def build_sdxl(seed: int = 0):
 
 
 def build_animatediff(seed: int = 0):
-    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter, UNet2DConditionModel
+    from diffusers import AnimateDiffPipeline, DDIMScheduler, MotionAdapter
 
     unet = _seeded(
-        seed,
-        lambda: UNet2DConditionModel(
-            block_out_channels=(8, 16),
-            layers_per_block=1,
-            sample_size=16,
-            in_channels=4,
-            out_channels=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=16,
-            attention_head_dim=4,
-            norm_num_groups=2,
-        ),
+        seed, lambda: _sd_unet(("CrossAttnDownBlock2D", "DownBlock2D"), ("UpBlock2D", "CrossAttnUpBlock2D"))
     )
     motion_adapter = _seeded(
         seed,
@@ -338,7 +327,9 @@ def _wan_transformer(**overrides):
     return WanTransformer3DModel(**{**config, **overrides})
 
 
-def build_wan_t2v(seed: int = 0):
+def build_wan_t2v(seed: int = 0, two_experts: bool = False):
+    """Wan 2.1 text-to-video; with `two_experts`, Wan 2.2's layout: `transformer` for the high-noise
+    steps, `transformer_2` for the rest."""
     from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
 
     return _finish(
@@ -346,25 +337,10 @@ def build_wan_t2v(seed: int = 0):
             tokenizer=t5_tokenizer(),
             text_encoder=_seeded(seed, lambda: t5_text_encoder(32, umt5=True)),
             transformer=_seeded(seed, _wan_transformer),
+            transformer_2=_seeded(seed + 1, _wan_transformer) if two_experts else None,
             vae=_seeded(seed, _wan_vae),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-        )
-    )
-
-
-def build_wan22(seed: int = 0):
-    """Wan 2.2's two experts: `transformer` for the high-noise steps, `transformer_2` for the rest."""
-    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
-
-    return _finish(
-        WanPipeline(
-            tokenizer=t5_tokenizer(),
-            text_encoder=_seeded(seed, lambda: t5_text_encoder(32, umt5=True)),
-            transformer=_seeded(seed, _wan_transformer),
-            transformer_2=_seeded(seed + 1, _wan_transformer),
-            vae=_seeded(seed, _wan_vae),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
-            boundary_ratio=0.9,
+            boundary_ratio=0.9 if two_experts else None,
         )
     )
 
@@ -585,7 +561,7 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
             "tiny-wan2.2",
             "wan",
             "Wan 2.2 text-to-video layout: a high-noise and a low-noise expert",
-            build_wan22,
+            partial(build_wan_t2v, two_experts=True),
             dict(
                 height=32,
                 width=48,

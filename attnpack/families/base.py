@@ -8,6 +8,7 @@ attention instead. With dense attention in between, project + finish reproduce t
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -110,6 +111,19 @@ class Family(ABC):
         return iter(sorted(found, key=lambda item: self.forward_order(item[0])))
 
 
+def context_grid(ctx: AttnContext | None, visual_len: int) -> tuple[int, ...] | None:
+    """The context's token grid when it holds exactly the call's `visual_len` tokens; None when the call
+    carries other tokens (e.g. FLUX Kontext's reference image) or nothing was attached."""
+    grid = ctx.grid if ctx is not None else None
+    return grid if grid is not None and math.prod(grid) == visual_len else None
+
+
+def record_inputs(ctx: AttnContext, grid: tuple[int, ...], batch_size: int, encoder_hidden_states) -> None:
+    """What every family's read_inputs records: token grid, batch, text length."""
+    ctx.grid, ctx.batch_size = grid, batch_size
+    ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+
+
 def sdpa_mask(
     attention_mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor
 ) -> torch.Tensor | None:
@@ -131,3 +145,14 @@ def processor_of(module: torch.nn.Module) -> Any:
 def unflatten_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     """(B, S, H * D) -> (B, S, H, D)."""
     return x.unflatten(-1, (heads, -1))
+
+
+def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor, context: torch.Tensor):
+    """q, k, v in (B, S, H, D) through diffusers' `Attention` projections and per-head q/k norms."""
+    query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)
+    query, key, value = (unflatten_heads(x, attn.heads) for x in (query, key, value))
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value

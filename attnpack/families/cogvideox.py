@@ -11,7 +11,7 @@ from diffusers.models.attention_processor import Attention, CogVideoXAttnProcess
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, unflatten_heads
+from .base import Adapter, AttnCall, Family, context_grid, project_heads, record_inputs
 
 
 class CogVideoXAdapter(Adapter):
@@ -26,12 +26,7 @@ class CogVideoXAdapter(Adapter):
             attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
             attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key, value = (unflatten_heads(x, attn.heads) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, hidden_states)
 
         if rotary_emb is not None:
             video = slice(text_len, None)
@@ -44,9 +39,7 @@ class CogVideoXAdapter(Adapter):
                 )
 
         ctx = site.context if site is not None else None
-        grid = ctx.grid if ctx is not None else None
-        if grid is not None and text_len + grid[0] * grid[1] * grid[2] != sequence_length:
-            grid = None
+        grid = context_grid(ctx, sequence_length - text_len)
         return AttnCall(
             query,
             key,
@@ -86,15 +79,12 @@ class CogVideoXFamily(Family):
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # (B, F, C, H, W)
-        encoder_hidden_states = inputs.get("encoder_hidden_states")
         if hidden_states is None:
             return
         p, p_t = model.config.patch_size, model.config.patch_size_t
-        _, frames, _, height, width = hidden_states.shape
+        batch, frames, _, height, width = hidden_states.shape
         frames = frames if p_t is None else -(-frames // p_t)
-        ctx.grid = (frames, height // p, width // p)
-        ctx.batch_size = hidden_states.shape[0]
-        ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        record_inputs(ctx, (frames, height // p, width // p), batch, inputs.get("encoder_hidden_states"))
 
 
 FAMILY = CogVideoXFamily()

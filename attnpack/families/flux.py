@@ -15,7 +15,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, sdpa_mask
+from .base import Adapter, AttnCall, Family, context_grid, record_inputs, sdpa_mask
 
 
 class FluxAdapter(Adapter):
@@ -66,9 +66,7 @@ class FluxAdapter(Adapter):
 
     @staticmethod
     def layout(ctx, seq_len: int, text_len: int | None) -> TokenLayout:
-        grid = ctx.grid if ctx is not None else None
-        if text_len is None or (grid is not None and text_len + grid[0] * grid[1] != seq_len):
-            grid = None  # extra tokens (e.g. Kontext's reference image) or an unattached call
+        grid = context_grid(ctx, seq_len - text_len) if text_len is not None else None
         return TokenLayout(Role.JOINT, seq_len, seq_len, grid=grid, text_len=text_len or 0, text_first=True)
 
     def finish(self, call: AttnCall, out: torch.Tensor, extra_out: list[torch.Tensor]) -> Any:
@@ -101,12 +99,12 @@ class FluxFamily(Family):
         return None
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
-        hidden_states = inputs.get("hidden_states")
-        encoder_hidden_states = inputs.get("encoder_hidden_states")
+        hidden_states = inputs.get("hidden_states")  # packed: (B, S, C)
         img_ids = inputs.get("img_ids")
-        ctx.batch_size = None if hidden_states is None else hidden_states.shape[0]
-        ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
-        ctx.grid = None if img_ids is None else self._grid_from_ids(ctx, img_ids)
+        if hidden_states is None:
+            return
+        grid = None if img_ids is None else self._grid_from_ids(ctx, img_ids)
+        record_inputs(ctx, grid, hidden_states.shape[0], inputs.get("encoder_hidden_states"))
 
     @staticmethod
     def _grid_from_ids(ctx, img_ids: torch.Tensor) -> tuple[int, int]:

@@ -13,7 +13,16 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_hunyuan_video import HunyuanVideoAttnProcessor2_0
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, sdpa_mask, unflatten_heads
+from .base import (
+    Adapter,
+    AttnCall,
+    Family,
+    context_grid,
+    project_heads,
+    record_inputs,
+    sdpa_mask,
+    unflatten_heads,
+)
 from .unet import ATTENTION
 
 
@@ -28,12 +37,7 @@ class HunyuanVideoAdapter(Adapter):
         if single_stream:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], dim=1)
 
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
-        query, key, value = (unflatten_heads(x, attn.heads) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, hidden_states)
 
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if rotary_emb is not None:
@@ -56,9 +60,7 @@ class HunyuanVideoAdapter(Adapter):
 
         ctx = site.context if site is not None else None
         seq_len = query.shape[1]
-        grid = ctx.grid if ctx is not None else None
-        if grid is not None and text_len + grid[0] * grid[1] * grid[2] != seq_len:
-            grid = None
+        grid = context_grid(ctx, seq_len - text_len)
         layout = TokenLayout(Role.JOINT, seq_len, seq_len, grid=grid, text_len=text_len, text_first=False)
         return AttnCall(
             query,
@@ -113,14 +115,13 @@ class HunyuanVideoFamily(Family):
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # (B, C, F, H, W)
-        encoder_hidden_states = inputs.get("encoder_hidden_states")
         if hidden_states is None:
             return
         p, p_t = model.config.patch_size, model.config.patch_size_t
-        _, _, frames, height, width = hidden_states.shape
-        ctx.grid = (frames // p_t, height // p, width // p)
-        ctx.batch_size = hidden_states.shape[0]
-        ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        batch, _, frames, height, width = hidden_states.shape
+        record_inputs(
+            ctx, (frames // p_t, height // p, width // p), batch, inputs.get("encoder_hidden_states")
+        )
 
 
 FAMILY = HunyuanVideoFamily()

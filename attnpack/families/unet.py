@@ -13,7 +13,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ..layout import Role, TokenLayout, downsampled_grid
-from .base import Adapter, AttnCall, Family, unflatten_heads
+from .base import Adapter, AttnCall, Family, project_heads, record_inputs
 
 
 class AttentionAdapter(Adapter):
@@ -42,19 +42,11 @@ class AttentionAdapter(Adapter):
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
-        query = attn.to_q(hidden_states)
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
             encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-
-        query, key, value = (unflatten_heads(x, attn.heads) for x in (query, key, value))
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = project_heads(attn, hidden_states, encoder_hidden_states)
 
         # AttnProcessor2_0 leaves SDPA's default scale; the classic AttnProcessor uses attn.scale.
         stock = site.stock_processor if site is not None else None
@@ -125,14 +117,10 @@ class UNetFamily(Family):
         return (stage,)
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
-        sample = inputs.get("sample")
-        encoder_hidden_states = inputs.get("encoder_hidden_states")
+        sample = inputs.get("sample")  # (B, C, H, W), or (B, C, F, H, W) for UNetMotionModel
         if sample is None:
             return
-        # (B, C, H, W), or (B, C, F, H, W) for UNetMotionModel
-        ctx.grid = tuple(sample.shape[2:])
-        ctx.batch_size = sample.shape[0]
-        ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        record_inputs(ctx, tuple(sample.shape[2:]), sample.shape[0], inputs.get("encoder_hidden_states"))
 
 
 FAMILY = UNetFamily()

@@ -11,7 +11,7 @@ import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, sdpa_mask, unflatten_heads
+from .base import Adapter, AttnCall, Family, context_grid, record_inputs, sdpa_mask, unflatten_heads
 
 # WanAttnProcessor's rule: the text context is the last 512 tokens, the image context what comes before.
 TEXT_CONTEXT_LEN = 512
@@ -67,9 +67,7 @@ class WanAdapter(Adapter):
 
         ctx = site.context if site is not None else None
         role = Role.CROSS if encoder_hidden_states is not None else Role.SELF
-        grid = ctx.grid if ctx is not None else None
-        if grid is not None and grid[0] * grid[1] * grid[2] != query.shape[1]:
-            grid = None
+        grid = context_grid(ctx, query.shape[1])
         return AttnCall(
             query,
             key,
@@ -106,14 +104,12 @@ class WanFamily(Family):
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # (B, C, F, H, W)
-        encoder_hidden_states = inputs.get("encoder_hidden_states")
         if hidden_states is None:
             return
         p_t, p_h, p_w = model.config.patch_size
-        _, _, frames, height, width = hidden_states.shape
-        ctx.grid = (frames // p_t, height // p_h, width // p_w)
-        ctx.batch_size = hidden_states.shape[0]
-        ctx.text_len = None if encoder_hidden_states is None else encoder_hidden_states.shape[1]
+        batch, _, frames, height, width = hidden_states.shape
+        grid = (frames // p_t, height // p_h, width // p_w)
+        record_inputs(ctx, grid, batch, inputs.get("encoder_hidden_states"))
 
 
 FAMILY = WanFamily()
