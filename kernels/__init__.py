@@ -1,7 +1,8 @@
 """attnpack.kernels: attention ops in diffusers' (B, S, H, D) layout.
 
 Each op lives in its own folder with a plain torch `reference.py` (the spec) and dispatch in its
-`__init__.py`: Triton on CUDA, the reference elsewhere. `backends()` reports what this machine can run.
+`__init__.py`: Triton on CUDA, the reference elsewhere. `set_backend` / ATTNPACK_KERNEL_BACKEND choose
+explicitly; `backends()` reports what this machine can run.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import ENV_VAR, current_backend, set_backend, use_backend
+from .block_sparse_attention import block_sparse_attention
 from .dense import dense_attention
 
 
@@ -69,4 +72,13 @@ def backends() -> list[Backend]:
     return found
 
 
-__all__ = ["Backend", "backends", "dense_attention"]
+__all__ = [
+    "ENV_VAR",
+    "Backend",
+    "backends",
+    "block_sparse_attention",
+    "current_backend",
+    "dense_attention",
+    "set_backend",
+    "use_backend",
+]

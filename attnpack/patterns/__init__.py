@@ -1,0 +1,20 @@
+"""Sparsity patterns: pure functions of (layout, config) that return a `BlockSparsePattern`."""
+
+from .block_sparse import MAX_SEGMENTS, BlockSparsePattern, ElementRule, Metric, TokenTable, block_counts
+from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
+
+__all__ = [
+    "MAX_SEGMENTS",
+    "BlockSparsePattern",
+    "ElementRule",
+    "Metric",
+    "TokenTable",
+    "block_counts",
+    "concat_orders",
+    "grid_coordinates",
+    "identity_order",
+    "inverse_order",
+    "tile",
+    "tile_order",
+    "untile",
+]

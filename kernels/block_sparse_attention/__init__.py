@@ -1,0 +1,152 @@
+"""Block-sparse attention in diffusers' (B, S, H, D) layout: the kernel every sparse method runs on.
+
+    out = block_sparse_attention(q, k, v, pattern)                     # (B, Sq, H, D)
+    out, lse = block_sparse_attention(q, k, v, pattern, return_lse=True)  # lse: (B, Sq, H), natural log
+
+Backends: "triton" (attnpack's kernels: forward and backward), "reference" (float32 math under
+`pattern.to_dense()`: the spec), and two for comparison, "flex" (FlexAttention with the same block mask)
+and "sdpa" (SDPA with the dense mask). "auto" picks Triton on CUDA and the reference elsewhere.
+A query row with no allowed key returns zeros (and an LSE of -inf), whatever the backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from ..backend import current_backend
+from .reference import block_sparse_attention_reference, head_mask
+
+logger = logging.getLogger("attnpack")
+
+BACKENDS = ("auto", "triton", "reference", "flex", "sdpa")
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+_logged: set[str] = set()
+
+
+def _log_once(message: str) -> None:
+    if message not in _logged:
+        _logged.add(message)
+        logger.info(message)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def resolve_backend(backend: str | None, device: torch.device) -> str:
+    """The backend a call runs on: the argument, else `set_backend` / ATTNPACK_KERNEL_BACKEND, else auto."""
+    name = (backend or current_backend()).lower()
+    if name not in BACKENDS:
+        raise ValueError(
+            f"block_sparse_attention: backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}"
+        )
+    if name == "auto":
+        if device.type == "cuda":
+            return "triton"
+        _log_once(
+            f"block_sparse_attention: no CUDA device ({device.type}), running the torch reference (slow)"
+        )
+        return "reference"
+    if name == "triton" and device.type != "cuda" and not _interpreting():
+        raise ValueError(
+            f"block_sparse_attention: backend='triton' needs CUDA tensors (got {device.type}); "
+            "set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
+        )
+    return name
+
+
+def _check(q, k, v, pattern) -> None:
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"block_sparse_attention: q, k, v must be (B, S, H, D); got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if q.dtype not in DTYPES or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(
+            f"block_sparse_attention: q, k, v must share one dtype of float16, bfloat16, float32; got "
+            f"{q.dtype}, {k.dtype}, {v.dtype}"
+        )
+    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(
+            f"block_sparse_attention: k and v must be equal and match q's batch, heads and head dim; got "
+            f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+        )
+    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
+        raise ValueError(f"block_sparse_attention: head dim {q.shape[-1]} is not in 1..{MAX_HEAD_DIM}")
+    if (pattern.q_len, pattern.kv_len) != (q.shape[1], k.shape[1]):
+        raise ValueError(
+            f"block_sparse_attention: the pattern is for {pattern.q_len} queries x {pattern.kv_len} keys; "
+            f"q has {q.shape[1]} tokens and k {k.shape[1]}"
+        )
+    if q.shape[2] % pattern.num_groups:
+        raise ValueError(
+            f"block_sparse_attention: {q.shape[2]} heads do not split into the pattern's {pattern.num_groups} head groups"
+        )
+
+
+class _TritonBlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, scale):
+        from . import triton_kernels
+
+        o, lse = triton_kernels.forward(q, k, v, pattern, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.pattern, ctx.scale = pattern, scale
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        from . import triton_kernels
+
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = triton_kernels.backward(grad_out, q, k, v, o, lse, ctx.pattern, ctx.scale)
+        return dq, dk, dv, None, None
+
+
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern,
+    *,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str | None = None,
+):
+    """Attention of q (B, Sq, H, D) over k, v (B, Sk, H, D) where `pattern` allows it.
+
+    Returns the output (B, Sq, H, D), and with `return_lse` also the natural-log LSE (B, Sq, H) float32.
+    Differentiable on every backend (the Triton backend with its own backward kernels).
+    """
+    _check(q, k, v, pattern)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    name = resolve_backend(backend, q.device)
+    if name == "triton":
+        out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale)
+        lse = lse.transpose(1, 2)
+    elif name == "reference":
+        out, lse = block_sparse_attention_reference(q, k, v, pattern, scale)
+    elif name == "flex":
+        from .flex import flex_block_sparse_attention
+
+        out, lse = flex_block_sparse_attention(q, k, v, pattern, scale)
+    else:
+        if return_lse:
+            raise ValueError(
+                "block_sparse_attention: backend='sdpa' does not return the LSE; use another backend"
+            )
+        mask = head_mask(pattern.to(q.device), q.shape[2])
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+        ).transpose(1, 2)
+        out = torch.where(mask.any(-1).transpose(1, 2)[..., None], out, 0.0)
+        lse = None
+    return (out, lse) if return_lse else out
+
+
+__all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_attention_reference", "resolve_backend"]

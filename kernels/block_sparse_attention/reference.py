@@ -1,0 +1,28 @@
+"""Block-sparse attention, spelled out: dense float32 attention under `pattern.to_dense()`. The spec."""
+
+from __future__ import annotations
+
+import torch
+
+
+def head_mask(pattern, num_heads: int) -> torch.Tensor:
+    """The pattern's token mask per head, (1, H, Sq, Sk): head h uses group h // (H / G)."""
+    mask = pattern.to_dense()
+    return mask.repeat_interleave(num_heads // pattern.num_groups, dim=0)[None]
+
+
+def block_sparse_attention_reference(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output (B, Sq, H, D) in q's dtype and natural-log LSE (B, Sq, H) float32.
+
+    A query row with no allowed key returns zeros and an LSE of -inf. Differentiable.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    mask = head_mask(pattern.to(q.device), q.shape[2])
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    scores = scores.masked_fill(~mask, float("-inf"))
+    has_key = mask.any(-1, keepdim=True)
+    weights = torch.where(has_key, torch.softmax(scores, dim=-1), 0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", weights, v.float()).to(q.dtype)
+    return out, torch.logsumexp(scores, dim=-1).transpose(1, 2)

@@ -1,0 +1,556 @@
+"""Triton kernels for block-sparse attention: forward, and a FlashAttention-2 style backward.
+
+Each program owns one query block (forward, dQ) or one key block (dK/dV) of one (batch, head) and walks
+the pattern's BSR lists: partial blocks evaluate the element rule from token tables, full blocks skip it.
+q, k, v, o and the gradients stay in diffusers' (B, S, H, D) layout with any strides: rows are read and
+written through the pattern's token orders, so a tiled pattern needs no permuted copies. Head dims that
+are not a power of two (40, 80) are zero-padded in registers. Softmax runs in the log2 domain.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _dot(a, b, UPCAST: tl.constexpr, IEEE: tl.constexpr):
+    # UPCAST: Triton's interpreter multiplies bf16 bit patterns as integers; only set when interpreting.
+    if UPCAST:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    elif IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _allowed(
+    q_allow,
+    q_spatial,
+    q_t,
+    q_y,
+    q_x,
+    k_seg,
+    k_t,
+    k_y,
+    k_x,
+    LIMITS,
+    METRIC: tl.constexpr,
+    NUM_LIMITS: tl.constexpr,
+):
+    """The element rule. Query-side and key-side values broadcast against each other: (M, 1) with (1, N)
+    in the forward and dQ passes, (1, M) with (N, 1) in the dK/dV pass."""
+    allowed = ((q_allow >> k_seg) & 1) != 0
+    if METRIC != 0:
+        spatial = ((q_spatial >> k_seg) & 1) != 0
+        if NUM_LIMITS == 1:
+            limit = tl.load(LIMITS)
+        else:
+            limit = tl.load(LIMITS + tl.minimum(tl.abs(q_t - k_t), NUM_LIMITS - 1))
+        dx = q_x - k_x
+        if METRIC == 1:
+            distance = tl.abs(dx)
+        elif METRIC == 2:
+            distance = tl.maximum(tl.abs(q_y - k_y), tl.abs(dx))
+        else:
+            dy = q_y - k_y
+            distance = dy * dy + dx * dx
+        allowed = allowed | (spatial & (distance.to(tl.float32) < limit))
+    return allowed
+
+
+@triton.jit
+def _rows(ORDER, offs, in_range, HAS_ORDER: tl.constexpr):
+    """Caller-order rows of pattern positions `offs`, as int64."""
+    if HAS_ORDER:  # noqa: SIM108 (a constexpr branch: no ternaries in Triton code)
+        rows = tl.load(ORDER + offs, mask=in_range, other=0)
+    else:
+        rows = offs
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _token_side(COORDS, SEG, ALLOW_BITS, SPATIAL_BITS, offs, in_range, QUERY: tl.constexpr):
+    """Element-rule tables of the tokens at `offs`: (allow bits, spatial bits) for queries, segment for keys."""
+    seg = tl.load(SEG + offs, mask=in_range, other=0)
+    t = tl.load(COORDS + offs * 3, mask=in_range, other=0)
+    y = tl.load(COORDS + offs * 3 + 1, mask=in_range, other=0)
+    x = tl.load(COORDS + offs * 3 + 2, mask=in_range, other=0)
+    if QUERY:
+        return tl.load(ALLOW_BITS + seg), tl.load(SPATIAL_BITS + seg), t, y, x
+    else:
+        return seg, seg, t, y, x
+
+
+@triton.jit
+def _fwd_blocks(
+    acc,
+    l_i,
+    m_i,
+    q,
+    K,
+    V,
+    stride_ks,
+    stride_kd,
+    stride_vs,
+    stride_vd,
+    KV_ORDER,
+    INDEX,
+    count,
+    kv_len,
+    qk_scale,
+    q_allow,
+    q_spatial,
+    q_t,
+    q_y,
+    q_x,
+    K_COORDS,
+    K_SEG,
+    LIMITS,
+    offs_d,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PARTIAL: tl.constexpr,
+    METRIC: tl.constexpr,
+    NUM_LIMITS: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr,
+    UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for i in range(0, count):
+        block = tl.load(INDEX + i)
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+        k = tl.load(
+            K + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok, other=0.0
+        )
+        v = tl.load(
+            V + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok, other=0.0
+        )
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        keep = n_ok[None, :]
+        if PARTIAL:
+            k_seg, _, k_t, k_y, k_x = _token_side(K_COORDS, K_SEG, K_SEG, K_SEG, offs_n, n_ok, False)
+            keep = keep & _allowed(
+                q_allow[:, None],
+                q_spatial[:, None],
+                q_t[:, None],
+                q_y[:, None],
+                q_x[:, None],
+                k_seg[None, :],
+                k_t[None, :],
+                k_y[None, :],
+                k_x[None, :],
+                LIMITS,
+                METRIC,
+                NUM_LIMITS,
+            )
+        qk = tl.where(keep, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(qk - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, UPCAST, IEEE)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, OUT, LSE,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_ob, stride_os, stride_oh, stride_od,
+    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
+    q_len, kv_len, num_heads, heads_per_group, num_q_blocks, qk_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    group = h // heads_per_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < q_len
+    d_ok = offs_d[None, :] < HEAD_DIM
+    rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
+
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    q = tl.load(
+        Q + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok, other=0.0
+    )
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    row = group * num_q_blocks + pid_m
+
+    if HAS_RULE:
+        part_count = tl.load(PART_COUNT + row)
+        q_allow, q_spatial, q_t, q_y, q_x = _token_side(
+            Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
+        )
+        acc, l_i, m_i = _fwd_blocks(
+            acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+            PART_INDEX + row.to(tl.int64) * part_width, part_count, kv_len, qk_scale,
+            q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
+            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+        )  # fmt: skip
+    full_count = tl.load(FULL_COUNT + row)
+    acc, l_i, m_i = _fwd_blocks(
+        acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+        FULL_INDEX + row.to(tl.int64) * full_width, full_count, kv_len, qk_scale,
+        offs_m, offs_m, offs_m, offs_m, offs_m, K_COORDS, K_SEG, LIMITS, offs_d,
+        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+    )  # fmt: skip
+
+    # A row that may attend nothing has l = 0 and acc = 0: its output is zero, its LSE -inf.
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+    OUT += b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh
+    out_ptrs = OUT + rows[:, None] * stride_os + offs_d[None, :] * stride_od
+    tl.store(out_ptrs, out.to(OUT.dtype.element_ty), mask=m_ok[:, None] & d_ok)
+    lse2 = m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i))
+    lse = tl.where(l_i == 0.0, float("-inf"), lse2 / 1.4426950408889634)  # natural log
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + rows, lse, mask=m_ok)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
+    INDEX, count, q_len, qk_scale, n_ok,
+    k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr, METRIC: tl.constexpr,
+    NUM_LIMITS: tl.constexpr, HAS_Q_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """dK, dV of one key block from the query blocks in one list. Works transposed: (N, M) tiles."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for i in range(0, count):
+        block = tl.load(INDEX + i)
+        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < q_len
+        q_rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
+        qd_mask = m_ok[:, None] & d_ok
+        q = tl.load(Q + q_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+        do = tl.load(
+            DO + q_rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0
+        )
+        lse = tl.load(LSE + q_rows, mask=m_ok, other=0.0) * 1.4426950408889634
+        lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row with nothing allowed: every p is masked anyway
+        delta = tl.load(DELTA + q_rows, mask=m_ok, other=0.0)
+        keep = n_ok[:, None] & m_ok[None, :]
+        if PARTIAL:
+            q_allow, q_spatial, q_t, q_y, q_x = _token_side(
+                Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
+            )
+            keep = keep & _allowed(
+                q_allow[None, :], q_spatial[None, :], q_t[None, :], q_y[None, :], q_x[None, :],
+                k_seg[:, None], k_t[:, None], k_y[:, None], k_x[:, None], LIMITS, METRIC, NUM_LIMITS,
+            )  # fmt: skip
+        qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale
+        p_t = tl.where(keep, tl.exp2(qk_t - lse[None, :]), 0.0)
+        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+        dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dq_blocks(
+    dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+    INDEX, count, kv_len, qk_scale, m_ok,
+    q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, METRIC: tl.constexpr,
+    NUM_LIMITS: tl.constexpr, HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    """dQ of one query block from the key blocks in one list."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for i in range(0, count):
+        block = tl.load(INDEX + i)
+        offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_len
+        k_rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+        kd_mask = n_ok[:, None] & d_ok
+        k = tl.load(K + k_rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kd_mask, other=0.0)
+        v = tl.load(V + k_rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kd_mask, other=0.0)
+        keep = m_ok[:, None] & n_ok[None, :]
+        if PARTIAL:
+            k_seg, _, k_t, k_y, k_x = _token_side(K_COORDS, K_SEG, K_SEG, K_SEG, offs_n, n_ok, False)
+            keep = keep & _allowed(
+                q_allow[:, None], q_spatial[:, None], q_t[:, None], q_y[:, None], q_x[:, None],
+                k_seg[None, :], k_t[None, :], k_y[None, :], k_x[None, :], LIMITS, METRIC, NUM_LIMITS,
+            )  # fmt: skip
+        qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
+        p = tl.where(keep, tl.exp2(qk - lse[:, None]), 0.0)
+        dp = _dot(do, tl.trans(v), UPCAST, IEEE)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(k.dtype), k, UPCAST, IEEE)
+    return dq
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, DO, DK, DV, LSE, DELTA,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dkb, stride_dks, stride_dkh, stride_dkd,
+    stride_dvb, stride_dvs, stride_dvh, stride_dvd,
+    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
+    q_len, kv_len, num_heads, heads_per_group, num_kv_blocks, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    group = h // heads_per_group
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    n_ok = offs_n < kv_len
+    d_ok = offs_d[None, :] < HEAD_DIM
+    k_rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    LSE += pid_bh.to(tl.int64) * q_len
+    DELTA += pid_bh.to(tl.int64) * q_len
+    k = tl.load(
+        K + k_rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok, other=0.0
+    )
+    v = tl.load(
+        V + k_rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok, other=0.0
+    )
+    if HAS_RULE:
+        k_seg, _, k_t, k_y, k_x = _token_side(K_COORDS, K_SEG, K_SEG, K_SEG, offs_n, n_ok, False)
+    else:  # placeholders: without a rule there are no partial blocks to read them
+        k_seg, k_t, k_y, k_x = offs_n, offs_n, offs_n, offs_n
+
+    dk = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    dv = tl.zeros((BLOCK_N, D_PAD), dtype=tl.float32)
+    row = group * num_kv_blocks + pid_n
+    if HAS_RULE:
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
+            PART_INDEX + row.to(tl.int64) * part_width, tl.load(PART_COUNT + row), q_len, qk_scale, n_ok,
+            k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
+            HEAD_DIM, BLOCK_M, True, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
+        )  # fmt: skip
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
+        FULL_INDEX + row.to(tl.int64) * full_width, tl.load(FULL_COUNT + row), q_len, qk_scale, n_ok,
+        k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
+        HEAD_DIM, BLOCK_M, False, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
+    )  # fmt: skip
+
+    DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
+    DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
+    kd_mask = n_ok[:, None] & d_ok
+    tl.store(
+        DK + k_rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
+        (dk * sm_scale).to(DK.dtype.element_ty),
+        mask=kd_mask,
+    )
+    tl.store(
+        DV + k_rows[:, None] * stride_dvs + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=kd_mask,
+    )
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, DO, DQ, LSE, DELTA,
+    stride_qb, stride_qs, stride_qh, stride_qd,
+    stride_kb, stride_ks, stride_kh, stride_kd,
+    stride_vb, stride_vs, stride_vh, stride_vd,
+    stride_dob, stride_dos, stride_doh, stride_dod,
+    stride_dqb, stride_dqs, stride_dqh, stride_dqd,
+    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
+    q_len, kv_len, num_heads, heads_per_group, num_q_blocks, qk_scale, sm_scale,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // num_heads
+    h = pid_bh % num_heads
+    group = h // heads_per_group
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < q_len
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
+
+    Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
+    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    qd_mask = m_ok[:, None] & d_ok
+    q = tl.load(Q + q_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + pid_bh.to(tl.int64) * q_len + q_rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)
+    delta = tl.load(DELTA + pid_bh.to(tl.int64) * q_len + q_rows, mask=m_ok, other=0.0)
+    if HAS_RULE:
+        q_allow, q_spatial, q_t, q_y, q_x = _token_side(
+            Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
+        )
+    else:  # placeholders: without a rule there are no partial blocks to read them
+        q_allow, q_spatial, q_t, q_y, q_x = offs_m, offs_m, offs_m, offs_m, offs_m
+
+    dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
+    row = group * num_q_blocks + pid_m
+    if HAS_RULE:
+        dq = _dq_blocks(
+            dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+            PART_INDEX + row.to(tl.int64) * part_width, tl.load(PART_COUNT + row), kv_len, qk_scale, m_ok,
+            q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
+            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+        )  # fmt: skip
+    dq = _dq_blocks(
+        dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+        FULL_INDEX + row.to(tl.int64) * full_width, tl.load(FULL_COUNT + row), kv_len, qk_scale, m_ok,
+        q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
+        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+    )  # fmt: skip
+
+    DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
+    tl.store(
+        DQ + q_rows[:, None] * stride_dqs + offs_d[None, :] * stride_dqd,
+        (dq * sm_scale).to(DQ.dtype.element_ty),
+        mask=qd_mask,
+    )
+
+
+# ---- launchers
+
+
+def _interpreting() -> bool:
+    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
+
+
+def _pattern_arguments(pattern, transposed: bool, device) -> list:
+    """Pointers and widths for the BSR lists, the token orders and the element rule."""
+    suffix = "_t" if transposed else ""
+    full_count, full_index = pattern.lists("full" + suffix)
+    part_count, part_index = pattern.lists("partial" + suffix)
+    rule, q_tokens, kv_tokens = pattern.rule, pattern.q_tokens, pattern.kv_tokens
+    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    if pattern.has_partial:
+        allow_bits, spatial_bits = rule.segment_bits()
+        tables = [
+            q_tokens.coords,
+            q_tokens.segments,
+            kv_tokens.coords,
+            kv_tokens.segments,
+            allow_bits,
+            spatial_bits,
+        ]
+        limits = rule.limits
+    else:
+        tables = [dummy] * 6
+        limits = torch.zeros(1, dtype=torch.float32, device=device)
+    return [
+        dummy if pattern.q_order is None else pattern.q_order,
+        dummy if pattern.kv_order is None else pattern.kv_order,
+        full_count,
+        full_index,
+        full_index.shape[-1],
+        part_count,
+        part_index,
+        part_index.shape[-1],
+        *tables,
+        limits,
+    ]
+
+
+def _meta(pattern, q: torch.Tensor) -> dict:
+    head_dim = q.shape[-1]
+    rule = pattern.rule
+    return dict(
+        HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=pattern.block_q,
+        BLOCK_N=pattern.block_kv,
+        METRIC=int(rule.metric) if rule is not None else 0,
+        NUM_LIMITS=len(rule.limits) if rule is not None else 1,
+        HAS_RULE=pattern.has_partial,
+        HAS_Q_ORDER=pattern.q_order is not None,
+        HAS_KV_ORDER=pattern.kv_order is not None,
+        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        IEEE=q.dtype == torch.float32,
+    )
+
+
+def _launch_options(meta: dict) -> dict:
+    if _interpreting():
+        return {}
+    big = meta["D_PAD"] > 64 or meta["BLOCK_M"] * meta["BLOCK_N"] > 128 * 64
+    return dict(num_warps=8 if big else 4, num_stages=2 if meta["D_PAD"] > 128 else 3)
+
+
+def forward(q, k, v, pattern, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Sq, H, D) like q, and the natural-log LSE as (B, H, Sq) float32."""
+    batch, q_len, heads, _ = q.shape
+    pattern = pattern.to(q.device)
+    o = torch.empty_like(q)
+    lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
+    meta = _meta(pattern, q)
+    grid = (pattern.num_q_blocks, batch * heads)
+    _fwd_kernel[grid](
+        q, k, v, o, lse,
+        *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        *_pattern_arguments(pattern, False, q.device),
+        q_len, k.shape[1], heads, heads // pattern.num_groups, pattern.num_q_blocks, scale * LOG2E,
+        **meta, **_launch_options(meta),
+    )  # fmt: skip
+    return o, lse
+
+
+def backward(do, q, k, v, o, lse, pattern, scale: float):
+    """dq, dk, dv for `forward`'s output gradient `do`."""
+    batch, q_len, heads, _ = q.shape
+    pattern = pattern.to(q.device)
+    delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    meta = _meta(pattern, q)
+    options = _launch_options(meta)
+    common = (q_len, k.shape[1], heads, heads // pattern.num_groups)
+    _dkdv_kernel[(pattern.num_kv_blocks, batch * heads)](
+        q, k, v, do, dk, dv, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+        *_pattern_arguments(pattern, True, q.device),
+        *common, pattern.num_kv_blocks, scale * LOG2E, scale,
+        **meta, **options,
+    )  # fmt: skip
+    _dq_kernel[(pattern.num_q_blocks, batch * heads)](
+        q, k, v, do, dq, lse, delta,
+        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+        *_pattern_arguments(pattern, False, q.device),
+        *common, pattern.num_q_blocks, scale * LOG2E, scale,
+        **meta, **options,
+    )  # fmt: skip
+    return dq, dk, dv
