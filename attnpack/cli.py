@@ -3,57 +3,25 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import platform
 import sys
 from typing import Any
 
-import torch
-
 from . import __version__
+from .environment import device_info, versions
 from .families import FAMILIES
 from .kernels import backends
 from .methods import METHODS
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def system_info() -> dict[str, Any]:
     """Versions, device, kernel backends, methods and families: what `attnpack info` reports."""
-    cuda = torch.cuda.is_available()
-    device = {
-        "type": "cuda" if cuda else "cpu",
-        "name": torch.cuda.get_device_name() if cuda else _cpu_name(),
-        "cuda": torch.version.cuda,
-        "count": torch.cuda.device_count() if cuda else 0,
-    }
-    if cuda:
-        device["capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-        device["memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+    all_versions = versions()
     return {
-        "attnpack": __version__,
-        "python": platform.python_version(),
-        "versions": {
-            name: _version(name) for name in ("torch", "triton", "diffusers", "transformers", "accelerate")
-        },
-        "device": device,
+        "attnpack": all_versions.pop("attnpack"),
+        "python": all_versions.pop("python"),
+        "versions": all_versions,
+        "device": device_info(),
         "backends": [vars(backend) for backend in backends()],
         "methods": {
             name: {
@@ -108,14 +76,62 @@ def main(argv: list[str] | None = None) -> int:
         "info", help="versions, device, kernel backends, methods and the families they support"
     )
     info.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    bench = commands.add_parser("bench", help="time attnpack at real-model geometries (needs a CUDA GPU)")
+    bench_commands = bench.add_subparsers(dest="suite", metavar="SUITE", required=True)
+    kernels = bench_commands.add_parser(
+        "kernels", help="block-sparse attention against SDPA, FlexAttention, xformers"
+    )
+    kernels.add_argument("--geometry", nargs="+", metavar="NAME", help="default: every real-model geometry")
+    kernels.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float16")
+    kernels.add_argument("--device", help="cuda (default when present) or cpu (the tiny geometry only)")
+    kernels.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/kernels-<device>.json)"
+    )
+    kernels.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    kernels.add_argument("--warmup-ms", type=float, default=25.0)
+    kernels.add_argument("--rep-ms", type=float, default=100.0)
     args = parser.parse_args(argv)
 
     if args.command == "info":
         report = system_info()
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
         return 0
+    if args.command == "bench":
+        return _bench_kernels(args)
     parser.print_help()
     return 2
+
+
+def _bench_kernels(args) -> int:
+    from .bench import kernels
+
+    try:
+        path = kernels.run(
+            args.geometry or kernels.DEFAULT_GEOMETRIES,
+            device=args.device,
+            dtype=args.dtype,
+            out=args.out,
+            overwrite=args.overwrite,
+            warmup_ms=args.warmup_ms,
+            rep_ms=args.rep_ms,
+        )
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack bench kernels: {error}\n")
+        return 2
+    result = json.loads(path.read_text())
+    lines = [f"{'geometry':<24} {'implementation':<16} {'ms':>10} {'TFLOP/s':>9}  note"]
+    for record in result["geometries"]:
+        for row in record["rows"]:
+            note = row.get("skipped", "")
+            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
+            tflops = f"{row['tflops']:.1f}" if "tflops" in row else "-"
+            lines.append(f"{record['geometry']:<24} {row['implementation']:<16} {ms:>10} {tflops:>9}  {note}")
+        summary = ", ".join(f"{k}={v}" for k, v in record["summary"].items())
+        lines.append(f"{'':<24} {summary}")
+    lines.append(f"wrote {path} and {path.with_suffix('.png')}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

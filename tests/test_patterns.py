@@ -227,3 +227,15 @@ def test_pattern_validation(kwargs, message):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         BlockSparsePattern(**arguments)
+
+
+@pytest.mark.parametrize("case", ["disc2d", "band", "box3d", "cross", "empty_rows"])
+def test_pruned_classification_is_exact(case):
+    """Block bounds may only rule out pairs that truly hold nothing: the dense mask equals the rule."""
+    from kernel_cases import CASES
+
+    pattern = CASES[case]()
+    expected = pattern.rule.evaluate(pattern.q_tokens, pattern.kv_tokens)
+    assert torch.equal(pattern.to_dense(order="positions")[0], expected)
+    counts = block_counts(expected[None], pattern.block_q, pattern.block_kv)[0]
+    assert torch.equal(pattern.full[0] | pattern.partial[0], counts > 0)

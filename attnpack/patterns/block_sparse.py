@@ -116,11 +116,21 @@ class ElementRule:
 
     def evaluate(self, q: TokenTable, k: TokenTable) -> torch.Tensor:
         """The element mask (Sq, Sk), bool: the spec the kernels implement."""
-        sq, sk = q.segments.long()[:, None], k.segments.long()[None, :]
+        return self.evaluate_tables(q.coords, q.segments, k.coords, k.segments)
+
+    def evaluate_tables(
+        self,
+        q_coords: torch.Tensor,
+        q_segments: torch.Tensor,
+        k_coords: torch.Tensor,
+        k_segments: torch.Tensor,
+    ) -> torch.Tensor:
+        """`evaluate` on raw tables with any leading batch dims: (..., Sq, 3) with (..., Sk, 3) -> (..., Sq, Sk)."""
+        sq, sk = q_segments.long()[..., :, None], k_segments.long()[..., None, :]
         allowed = self.allow[sq, sk]
         if self.metric is Metric.NONE:
             return allowed
-        qc, kc = q.coords[:, None, :], k.coords[None, :, :]
+        qc, kc = q_coords[..., :, None, :], k_coords[..., None, :, :]
         frames = (qc[..., 0] - kc[..., 0]).abs().clamp(max=len(self.limits) - 1)
         dy, dx = qc[..., 1] - kc[..., 1], qc[..., 2] - kc[..., 2]
         if self.metric is Metric.BAND:
@@ -164,6 +174,46 @@ def _block_sizes(length: int, block: int, device=None) -> torch.Tensor:
     """Tokens in each block of a sequence (the last one may be short)."""
     starts = torch.arange(0, length, block, device=device)
     return (length - starts).clamp(max=block)
+
+
+def _block_positions(blocks: torch.Tensor, block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions of the given blocks, (P, block), clamped into the sequence, and which of them are real."""
+    positions = blocks[:, None] * block + torch.arange(block, device=blocks.device)
+    return positions.clamp(max=length - 1), positions < length
+
+
+class _BlockBounds:
+    """Per block of a token table: which segments occur, and the range of each coordinate."""
+
+    def __init__(self, tokens: TokenTable, block: int, num_segments: int):
+        length = len(tokens)
+        self.num_blocks = -(-length // block)
+        blocks = torch.arange(self.num_blocks, device=tokens.coords.device)
+        positions, valid = _block_positions(blocks, block, length)
+        coords = tokens.coords[positions].long()  # (NB, block, 3); padding repeats the last token
+        self.low, self.high = coords.amin(1), coords.amax(1)
+        one_hot = torch.nn.functional.one_hot(tokens.segments[positions].long(), num_segments)
+        self.segments = (one_hot.bool() & valid[..., None]).any(1).float()  # (NB, segments)
+
+    def may_attend(self, keys: _BlockBounds, rule: ElementRule) -> torch.Tensor:
+        """(NQ, NK) bool: False only where no query of one block may attend any key of the other."""
+        allowed = self.segments @ rule.allow.float() @ keys.segments.T > 0
+        if rule.metric is Metric.NONE:
+            return allowed
+        spatial = self.segments @ rule.spatial.float() @ keys.segments.T > 0
+        gap = torch.maximum(self.low[:, None] - keys.high[None], keys.low[None] - self.high[:, None]).clamp(
+            min=0
+        )
+        # the largest limit at any frame distance the two blocks can have
+        largest = rule.limits.flip(0).cummax(0).values.flip(0)
+        limit = largest[gap[..., 0].clamp(max=len(rule.limits) - 1)]
+        if rule.metric is Metric.BAND:
+            distance = gap[..., 2]
+        elif rule.metric is Metric.BOX:
+            distance = torch.maximum(gap[..., 1], gap[..., 2])
+        else:
+            distance = gap[..., 1] ** 2 + gap[..., 2] ** 2
+        return allowed | (spatial & (distance.to(torch.float32) < limit))
 
 
 class BlockSparsePattern:
@@ -240,24 +290,33 @@ class BlockSparsePattern:
         kv_order: torch.Tensor | None = None,
         max_chunk_elements: int = 1 << 24,
     ) -> BlockSparsePattern:
-        """Classify every block exactly by evaluating the rule, a chunk of query blocks at a time.
+        """Classify every block exactly by evaluating the rule on the tables' device.
 
-        Costs O(Sq * Sk) element evaluations once (on the tables' device); method builders that know their
-        geometry can classify blocks directly instead.
+        Per-block bounds (segments present, coordinate ranges) first rule out the block pairs that cannot
+        hold an allowed element; the rest are counted exactly, a batch of pairs at a time.
         """
         q_len, kv_len = len(q_tokens), len(kv_tokens)
-        num_q, num_kv = -(-q_len // block_q), -(-kv_len // block_kv)
         device = q_tokens.coords.device
-        rule = rule.to(device)
-        kv_tokens = kv_tokens.to(device)
-        counts = torch.zeros(num_q, num_kv, dtype=torch.int64, device=device)
-        blocks_per_chunk = max(1, max_chunk_elements // max(1, block_q * kv_len))
-        for first in range(0, num_q, blocks_per_chunk):
-            last = min(num_q, first + blocks_per_chunk)
-            rows = slice(first * block_q, min(last * block_q, q_len))
-            counts[first:last] = block_counts(
-                rule.evaluate(q_tokens[rows], kv_tokens)[None], block_q, block_kv
-            )[0]
+        rule, kv_tokens = rule.to(device), kv_tokens.to(device)
+        segments = rule.num_segments
+        q_bounds, kv_bounds = (
+            _BlockBounds(q_tokens, block_q, segments),
+            _BlockBounds(kv_tokens, block_kv, segments),
+        )
+        candidates = q_bounds.may_attend(kv_bounds, rule).nonzero()
+        counts = torch.zeros(q_bounds.num_blocks, kv_bounds.num_blocks, dtype=torch.int64, device=device)
+        pairs_per_batch = max(1, max_chunk_elements // (block_q * block_kv))
+        for batch in candidates.split(pairs_per_batch):
+            q_idx, q_ok = _block_positions(batch[:, 0], block_q, q_len)
+            k_idx, k_ok = _block_positions(batch[:, 1], block_kv, kv_len)
+            mask = rule.evaluate_tables(
+                q_tokens.coords[q_idx],
+                q_tokens.segments[q_idx],
+                kv_tokens.coords[k_idx],
+                kv_tokens.segments[k_idx],
+            )
+            mask &= q_ok[:, :, None] & k_ok[:, None, :]
+            counts[batch[:, 0], batch[:, 1]] = mask.sum((1, 2))
         area = _block_sizes(q_len, block_q, device)[:, None] * _block_sizes(kv_len, block_kv, device)[None, :]
         full = counts == area
         partial = (counts > 0) & ~full

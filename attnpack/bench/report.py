@@ -1,0 +1,86 @@
+"""Timing and result files shared by the benchmarks: medians, JSON with device and versions, a PNG plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def median_ms(
+    fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100
+) -> float:
+    """Median time of `fn` in milliseconds: CUDA events through triton's do_bench on a GPU, a wall clock
+    (after a synchronize) elsewhere."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median"))
+    fn()  # warm-up
+    times = []
+    deadline = time.perf_counter() + rep_ms / 1000
+    while len(times) < 3 or (time.perf_counter() < deadline and len(times) < 100):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
+    """Write through a temporary file in the same folder, then rename; refuse to replace an existing file
+    unless `overwrite`."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=path.suffix)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def write_json(path: Path, data: dict, overwrite: bool) -> None:
+    write_atomically(path, lambda p: p.write_text(json.dumps(data, indent=2) + "\n"), overwrite)
+
+
+def plot_speedups(
+    path: Path, title: str, groups: list[str], series: dict[str, list[float | None]], overwrite: bool
+):
+    """Grouped horizontal bars: one group per geometry, one bar per series (None: not measured)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = len(groups)
+    height = 0.8 / max(1, len(series))
+    figure, axis = plt.subplots(figsize=(9, 1.2 + 0.9 * rows * max(1, len(series)) / 3))
+    for i, (name, values) in enumerate(series.items()):
+        positions = [row + i * height for row in range(rows)]
+        bars = [value if value is not None else 0.0 for value in values]
+        drawn = axis.barh(positions, bars, height=height, label=name)
+        for bar, value in zip(drawn, values, strict=True):
+            label = "n/a" if value is None else f"{value:.2f}x"
+            axis.text(
+                bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {label}", va="center", fontsize=7
+            )
+    axis.set_yticks([row + height * (len(series) - 1) / 2 for row in range(rows)], groups, fontsize=8)
+    axis.invert_yaxis()
+    axis.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
+    axis.set_xlabel("speedup over the best dense SDPA backend (higher is better)")
+    axis.set_title(title, fontsize=10)
+    axis.legend(fontsize=7, loc="lower right")
+    figure.tight_layout()
+    write_atomically(path, lambda p: figure.savefig(p, dpi=130, format="png"), overwrite)
+    plt.close(figure)

@@ -1,0 +1,68 @@
+"""`attnpack bench kernels` on a CPU: the smoke geometry exercises the whole benchmark and its files."""
+
+import json
+
+import pytest
+
+from attnpack.bench import kernels
+from attnpack.cli import main
+
+
+def test_tiny_geometry_writes_json_and_plot(tmp_path):
+    path = kernels.run(["tiny"], device="cpu", out=tmp_path, rep_ms=5)
+    result = json.loads(path.read_text())
+    assert path.name == "kernels-cpu.json" and path.with_suffix(".png").stat().st_size > 1000
+    assert result["benchmark"] == "kernels" and result["device"]["type"] == "cpu"
+    assert {"torch", "triton", "diffusers", "attnpack"} <= set(result["versions"])
+    (record,) = result["geometries"]
+    assert record["shape"] == {"batch": 1, "tokens": 144, "heads": 2, "head_dim": 64}
+    assert 0 < record["pattern"]["element_density"] <= record["pattern"]["block_density"] <= 1
+    rows = {row["implementation"]: row for row in record["rows"]}
+    assert {"sdpa-math", "attnpack-dense", "attnpack-sparse", "flex-sparse"} <= set(rows)
+    assert rows["attnpack-sparse"]["backend"] == "reference" and rows["attnpack-sparse"]["ms"] > 0
+    assert record["summary"]["best_sdpa"] == "sdpa-math"
+    assert "sparse_efficiency" in record["summary"]
+
+
+def test_refuses_to_overwrite(tmp_path):
+    kernels.run(["tiny"], device="cpu", out=tmp_path, rep_ms=1)
+    before = (tmp_path / "kernels-cpu.json").read_text()
+    with pytest.raises(FileExistsError, match="pass --overwrite"):
+        kernels.run(["tiny"], device="cpu", out=tmp_path, rep_ms=1)
+    assert (tmp_path / "kernels-cpu.json").read_text() == before
+    kernels.run(["tiny"], device="cpu", out=tmp_path, rep_ms=1, overwrite=True)
+
+
+def test_bad_arguments(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"geometry 'wan-9000' is not known; accepted: wan2.1-1.3b-480p-81f"):
+        kernels.run(["wan-9000"], device="cpu", out=tmp_path)
+    with pytest.raises(ValueError, match=r"dtype='float32' is not accepted; choose one of bfloat16, float16"):
+        kernels.run(["tiny"], device="cpu", dtype="float32", out=tmp_path)
+    with pytest.raises(ValueError, match="on a CUDA GPU; this machine runs on cpu"):
+        kernels.run(["flux-1024"], device="cpu", out=tmp_path)
+    assert (
+        main(["bench", "kernels", "--geometry", "flux-1024", "--device", "cpu", "--out", str(tmp_path)]) == 2
+    )
+    assert "Use --geometry tiny" in capsys.readouterr().err
+
+
+def test_cli_prints_a_table(tmp_path, capsys):
+    assert (
+        main(
+            [
+                "bench",
+                "kernels",
+                "--geometry",
+                "tiny",
+                "--device",
+                "cpu",
+                "--out",
+                str(tmp_path),
+                "--rep-ms",
+                "1",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "attnpack-sparse" in out and f"wrote {tmp_path}" in out
