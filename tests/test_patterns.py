@@ -239,3 +239,10 @@ def test_pruned_classification_is_exact(case):
     assert torch.equal(pattern.to_dense(order="positions")[0], expected)
     counts = block_counts(expected[None], pattern.block_q, pattern.block_kv)[0]
     assert torch.equal(pattern.full[0] | pattern.partial[0], counts > 0)
+
+
+def test_default_blocks():
+    from attnpack.patterns import default_blocks
+
+    assert default_blocks(128) == (128, 64) and default_blocks(80, "cpu") == (128, 64)
+    assert default_blocks(256) == (64, 32)

@@ -29,6 +29,7 @@ from ..patterns import (
     Metric,
     TokenTable,
     concat_orders,
+    default_blocks,
     grid_coordinates,
     identity_order,
     tile_order,
@@ -49,7 +50,7 @@ class Geometry:
     text_first: bool = True
     radius: int = 16  # of the sparse pattern's window, in tokens
     tile: tuple[int, ...] = (8, 16)
-    blocks: tuple[int, int] = (128, 64)
+    blocks: tuple[int, int] | None = None  # default: the device's (patterns.default_blocks)
 
     @property
     def tokens(self) -> int:
@@ -120,7 +121,7 @@ def sparse_pattern(geometry: Geometry, device: torch.device) -> BlockSparsePatte
         halvings = torch.floor(torch.log2(frames + 1.0))
         limits = geometry.radius / 2**halvings + 0.5  # box half-width r: max(|dy|, |dx|) <= r
         rule = ElementRule(allow, spatial, Metric.BOX, torch.where(limits >= 1.0, limits, -1.0))
-    block_q, block_kv = geometry.blocks
+    block_q, block_kv = geometry.blocks or default_blocks(geometry.head_dim, device)
     return BlockSparsePattern.from_rule(
         rule,
         tokens,

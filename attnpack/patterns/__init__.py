@@ -1,6 +1,14 @@
 """Sparsity patterns: pure functions of (layout, config) that return a `BlockSparsePattern`."""
 
-from .block_sparse import MAX_SEGMENTS, BlockSparsePattern, ElementRule, Metric, TokenTable, block_counts
+from .block_sparse import (
+    MAX_SEGMENTS,
+    BlockSparsePattern,
+    ElementRule,
+    Metric,
+    TokenTable,
+    block_counts,
+    default_blocks,
+)
 from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
 
 __all__ = [
@@ -11,6 +19,7 @@ __all__ = [
     "TokenTable",
     "block_counts",
     "concat_orders",
+    "default_blocks",
     "grid_coordinates",
     "identity_order",
     "inverse_order",

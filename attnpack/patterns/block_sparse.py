@@ -176,6 +176,17 @@ def _block_sizes(length: int, block: int, device=None) -> torch.Tensor:
     return (length - starts).clamp(max=block)
 
 
+def default_blocks(head_dim: int = 128, device: torch.device | str | None = None) -> tuple[int, int]:
+    """(block_q, block_kv) for the kernel on this device: 128 x 64 on Ampere and newer up to head dim 128
+    (what FlashAttention-2 style kernels use there), smaller where registers or shared memory are tight."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 8:
+            return (64, 64) if head_dim <= 64 else (64, 32)
+    return (128, 64) if head_dim <= 128 else (64, 32)
+
+
 def _block_positions(blocks: torch.Tensor, block: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Positions of the given blocks, (P, block), clamped into the sequence, and which of them are real."""
     positions = blocks[:, None] * block + torch.arange(block, device=blocks.device)
@@ -529,4 +540,12 @@ def block_counts(mask: torch.Tensor, block_q: int, block_kv: int) -> torch.Tenso
     return padded.view(groups, num_q, block_q, num_kv, block_kv).sum((2, 4))
 
 
-__all__ = ["MAX_SEGMENTS", "BlockSparsePattern", "ElementRule", "Metric", "TokenTable", "block_counts"]
+__all__ = [
+    "MAX_SEGMENTS",
+    "BlockSparsePattern",
+    "ElementRule",
+    "Metric",
+    "TokenTable",
+    "block_counts",
+    "default_blocks",
+]

@@ -9,6 +9,9 @@ are not a power of two (40, 80) are zero-padded in registers. Softmax runs in th
 
 from __future__ import annotations
 
+import functools
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -233,39 +236,55 @@ def _dkdv_blocks(
     dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
     INDEX, count, q_len, qk_scale, n_ok,
     k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, PARTIAL: tl.constexpr, METRIC: tl.constexpr,
-    NUM_LIMITS: tl.constexpr, HAS_Q_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, SUB_M: tl.constexpr, PARTIAL: tl.constexpr,
+    METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_Q_ORDER: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
-    """dK, dV of one key block from the query blocks in one list. Works transposed: (N, M) tiles."""
-    d_ok = offs_d[None, :] < HEAD_DIM
-    for i in range(0, count):
-        block = tl.load(INDEX + i)
-        offs_m = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < q_len
-        q_rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
-        qd_mask = m_ok[:, None] & d_ok
-        q = tl.load(Q + q_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
-        do = tl.load(
-            DO + q_rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0
+    """dK, dV of one key block from the query blocks in one list, SUB_M query rows at a time: whole
+    128-row blocks would not fit in registers. One flat loop over (block, slice) keeps it pipelinable."""
+    SLICES: tl.constexpr = BLOCK_M // SUB_M
+    for j in range(0, count * SLICES):
+        block = tl.load(INDEX + j // SLICES)
+        dk, dv = _dkdv_rows(
+            dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
+            block * BLOCK_M + (j % SLICES) * SUB_M + tl.arange(0, SUB_M), q_len, qk_scale, n_ok,
+            k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
+            HEAD_DIM, PARTIAL, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
+        )  # fmt: skip
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_rows(
+    dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
+    offs_m, q_len, qk_scale, n_ok,
+    k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
+    HEAD_DIM: tl.constexpr, PARTIAL: tl.constexpr, METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr,
+    HAS_Q_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+):  # fmt: skip
+    m_ok = offs_m < q_len
+    q_rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
+    qd_mask = m_ok[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + q_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
+    do = tl.load(DO + q_rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
+    lse = tl.load(LSE + q_rows, mask=m_ok, other=0.0) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row with nothing allowed: every p is masked anyway
+    delta = tl.load(DELTA + q_rows, mask=m_ok, other=0.0)
+    keep = n_ok[:, None] & m_ok[None, :]
+    if PARTIAL:
+        q_allow, q_spatial, q_t, q_y, q_x = _token_side(
+            Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
         )
-        lse = tl.load(LSE + q_rows, mask=m_ok, other=0.0) * 1.4426950408889634
-        lse = tl.where(lse == float("-inf"), 0.0, lse)  # a row with nothing allowed: every p is masked anyway
-        delta = tl.load(DELTA + q_rows, mask=m_ok, other=0.0)
-        keep = n_ok[:, None] & m_ok[None, :]
-        if PARTIAL:
-            q_allow, q_spatial, q_t, q_y, q_x = _token_side(
-                Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
-            )
-            keep = keep & _allowed(
-                q_allow[None, :], q_spatial[None, :], q_t[None, :], q_y[None, :], q_x[None, :],
-                k_seg[:, None], k_t[:, None], k_y[:, None], k_x[:, None], LIMITS, METRIC, NUM_LIMITS,
-            )  # fmt: skip
-        qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale
-        p_t = tl.where(keep, tl.exp2(qk_t - lse[None, :]), 0.0)
-        dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
-        dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
+        keep = keep & _allowed(
+            q_allow[None, :], q_spatial[None, :], q_t[None, :], q_y[None, :], q_x[None, :],
+            k_seg[:, None], k_t[:, None], k_y[:, None], k_x[:, None], LIMITS, METRIC, NUM_LIMITS,
+        )  # fmt: skip
+    qk_t = _dot(k, tl.trans(q), UPCAST, IEEE) * qk_scale
+    p_t = tl.where(keep, tl.exp2(qk_t - lse[None, :]), 0.0)
+    dv += _dot(p_t.to(do.dtype), do, UPCAST, IEEE)
+    dp_t = _dot(v, tl.trans(do), UPCAST, IEEE)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += _dot(ds_t.to(q.dtype), q, UPCAST, IEEE)
     return dk, dv
 
 
@@ -316,7 +335,7 @@ def _dkdv_kernel(
     q_len, kv_len, num_heads, heads_per_group, num_kv_blocks, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -354,13 +373,13 @@ def _dkdv_kernel(
             dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
             PART_INDEX + row.to(tl.int64) * part_width, tl.load(PART_COUNT + row), q_len, qk_scale, n_ok,
             k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
-            HEAD_DIM, BLOCK_M, True, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
+            HEAD_DIM, BLOCK_M, SUB_M, True, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
         )  # fmt: skip
     dk, dv = _dkdv_blocks(
         dk, dv, k, v, Q, DO, LSE, DELTA, stride_qs, stride_qd, stride_dos, stride_dod, Q_ORDER,
         FULL_INDEX + row.to(tl.int64) * full_width, tl.load(FULL_COUNT + row), q_len, qk_scale, n_ok,
         k_seg, k_t, k_y, k_x, Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS, offs_d,
-        HEAD_DIM, BLOCK_M, False, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
+        HEAD_DIM, BLOCK_M, SUB_M, False, METRIC, NUM_LIMITS, HAS_Q_ORDER, UPCAST, IEEE,
     )  # fmt: skip
 
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
@@ -391,14 +410,14 @@ def _dq_kernel(
     q_len, kv_len, num_heads, heads_per_group, num_q_blocks, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
 ):  # fmt: skip
-    pid_m = tl.program_id(0)
+    pid_m = tl.program_id(0)  # SUB_M rows of pattern block pid_m // (BLOCK_M // SUB_M)
     pid_bh = tl.program_id(1)
     b = pid_bh // num_heads
     h = pid_bh % num_heads
     group = h // heads_per_group
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = pid_m * SUB_M + tl.arange(0, SUB_M)
     offs_d = tl.arange(0, D_PAD)
     m_ok = offs_m < q_len
     d_ok = offs_d[None, :] < HEAD_DIM
@@ -421,8 +440,8 @@ def _dq_kernel(
     else:  # placeholders: without a rule there are no partial blocks to read them
         q_allow, q_spatial, q_t, q_y, q_x = offs_m, offs_m, offs_m, offs_m, offs_m
 
-    dq = tl.zeros((BLOCK_M, D_PAD), dtype=tl.float32)
-    row = group * num_q_blocks + pid_m
+    dq = tl.zeros((SUB_M, D_PAD), dtype=tl.float32)
+    row = group * num_q_blocks + pid_m // (BLOCK_M // SUB_M)
     if HAS_RULE:
         dq = _dq_blocks(
             dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
@@ -505,11 +524,69 @@ def _meta(pattern, q: torch.Tensor) -> dict:
     )
 
 
-def _launch_options(meta: dict) -> dict:
+# Launch configurations: (num_warps, num_stages, and for the backward kernels SUB_M, the query rows per
+# step). On a GPU the kernels are autotuned over CONFIGS the first time a shape class runs (keyed on head
+# dim, blocks, rule and dtype); ATTNPACK_AUTOTUNE=0 uses the first config instead. The candidates were
+# picked from static resource reports of sm_80 / sm_90 builds (tools/kernel_resources.py): whole 128-row
+# steps spill registers in the backward pass at head dim 128, so it works in slices.
+CONFIGS = {  # the first of each list is the untuned default: no spills at head dim 128 on sm_90
+    "forward": [
+        dict(num_warps=8, num_stages=1),
+        dict(num_warps=8, num_stages=2),
+        dict(num_warps=8, num_stages=3),
+    ],
+    "dkdv": [
+        dict(SUB_M=32, num_warps=8, num_stages=2),
+        dict(SUB_M=64, num_warps=8, num_stages=2),
+        dict(SUB_M=32, num_warps=4, num_stages=2),
+        dict(SUB_M=16, num_warps=4, num_stages=3),
+    ],
+    "dq": [
+        dict(SUB_M=32, num_warps=8, num_stages=3),
+        dict(SUB_M=64, num_warps=8, num_stages=2),
+        dict(SUB_M=32, num_warps=4, num_stages=2),
+    ],
+}
+TUNING_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "METRIC", "NUM_LIMITS", "HAS_RULE", "IEEE"]
+
+
+def _launch_config(kernel: str, meta: dict, dtype: torch.dtype) -> dict:
+    """The untuned configuration: the interpreter's, or the first candidate that fits the block."""
     if _interpreting():
-        return {}
-    big = meta["D_PAD"] > 64 or meta["BLOCK_M"] * meta["BLOCK_N"] > 128 * 64
-    return dict(num_warps=8 if big else 4, num_stages=2 if meta["D_PAD"] > 128 else 3)
+        return {"SUB_M": 16} if kernel != "forward" else {}  # 16 rows: the interpreter tests split blocks too
+    return next(c for c in CONFIGS[kernel] if c.get("SUB_M", 0) <= meta["BLOCK_M"]).copy()
+
+
+def _autotune() -> bool:
+    return not _interpreting() and os.environ.get("ATTNPACK_AUTOTUNE", "1") != "0"
+
+
+@functools.cache
+def _tuned(kernel: str):
+    jit = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[kernel]
+    configs = [
+        triton.Config(
+            {k: v for k, v in c.items() if k == "SUB_M"}, num_warps=c["num_warps"], num_stages=c["num_stages"]
+        )
+        for c in CONFIGS[kernel]
+    ]
+
+    def prune(configs, named_args, **kwargs):
+        block_m = named_args.get("BLOCK_M", kwargs.get("BLOCK_M"))
+        return [c for c in configs if c.kwargs.get("SUB_M", 0) <= block_m]
+
+    return triton.autotune(configs=configs, key=TUNING_KEY, prune_configs_by={"early_config_prune": prune})(
+        jit
+    )
+
+
+def _launch(kernel: str, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
+    if _autotune():
+        _tuned(kernel)[grid](*args, **meta)
+    else:
+        config = _launch_config(kernel, meta, dtype)
+        jit = {"forward": _fwd_kernel, "dkdv": _dkdv_kernel, "dq": _dq_kernel}[kernel]
+        jit[grid(meta | config) if callable(grid) else grid](*args, **meta, **config)
 
 
 def forward(q, k, v, pattern, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -519,14 +596,13 @@ def forward(q, k, v, pattern, scale: float) -> tuple[torch.Tensor, torch.Tensor]
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     meta = _meta(pattern, q)
-    grid = (pattern.num_q_blocks, batch * heads)
-    _fwd_kernel[grid](
+    args = (
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         *_pattern_arguments(pattern, False, q.device),
         q_len, k.shape[1], heads, heads // pattern.num_groups, pattern.num_q_blocks, scale * LOG2E,
-        **meta, **_launch_options(meta),
     )  # fmt: skip
+    _launch("forward", (pattern.num_q_blocks, batch * heads), args, meta, q.dtype)
     return o, lse
 
 
@@ -537,20 +613,20 @@ def backward(do, q, k, v, o, lse, pattern, scale: float):
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     meta = _meta(pattern, q)
-    options = _launch_options(meta)
     common = (q_len, k.shape[1], heads, heads // pattern.num_groups)
-    _dkdv_kernel[(pattern.num_kv_blocks, batch * heads)](
+    dkdv_args = (
         q, k, v, do, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         *_pattern_arguments(pattern, True, q.device),
         *common, pattern.num_kv_blocks, scale * LOG2E, scale,
-        **meta, **options,
     )  # fmt: skip
-    _dq_kernel[(pattern.num_q_blocks, batch * heads)](
+    _launch("dkdv", (pattern.num_kv_blocks, batch * heads), dkdv_args, meta, q.dtype)
+    dq_args = (
         q, k, v, do, dq, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         *_pattern_arguments(pattern, False, q.device),
         *common, pattern.num_q_blocks, scale * LOG2E, scale,
-        **meta, **options,
     )  # fmt: skip
+    slices = lambda config: (pattern.num_q_blocks * (pattern.block_q // config["SUB_M"]), batch * heads)  # noqa: E731
+    _launch("dq", slices, dq_args, meta, q.dtype)
     return dq, dk, dv

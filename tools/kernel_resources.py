@@ -1,0 +1,138 @@
+"""Compile attnpack's Triton kernels for NVIDIA targets without a GPU and report their resources.
+
+    python tools/kernel_resources.py                 # sm_80 and sm_90, every dtype and head dim
+    python tools/kernel_resources.py --arch 90 --dtype bf16 --head-dim 128
+
+Triton lowers to PTX and assembles a cubin on any machine; cuobjdump (shipped with Triton) reads the
+registers and stack (spills) per thread; Triton reports the shared memory. Shared memory over the
+device's limit fails at launch; spills cost time. Neither needs a GPU to see. Exits 1 if any build is
+over the shared memory limit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def _compilable_kernels():
+    """A private copy of the kernel module decorated for compiling, whatever TRITON_INTERPRET says: the
+    test suite runs the kernels in the interpreter and compiles them here in the same process."""
+    saved = os.environ.pop("TRITON_INTERPRET", None)
+    try:
+        package = importlib.util.find_spec("attnpack.kernels.block_sparse_attention")
+        path = os.path.join(os.path.dirname(package.origin), "triton_kernels.py")
+        spec = importlib.util.spec_from_file_location("_attnpack_triton_kernels_compiled", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        if saved is not None:
+            os.environ["TRITON_INTERPRET"] = saved
+    return module
+
+
+tk = _compilable_kernels()
+
+SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KERNELS = {"forward": tk._fwd_kernel, "dkdv": tk._dkdv_kernel, "dq": tk._dq_kernel}
+TENSORS = ("Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ")
+
+
+def signature(kernel, element: str, constants: dict) -> dict[str, str]:
+    types = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        if name in constants:
+            types[name] = "constexpr"
+        elif name in TENSORS:
+            types[name] = "*" + element
+        elif name in ("LSE", "DELTA", "LIMITS"):
+            types[name] = "*fp32"
+        elif name[0].isupper():
+            types[name] = "*i32"
+        elif name in ("qk_scale", "sm_scale"):
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def resources(
+    kernel_name: str, arch: int, element: str, head_dim: int, config: dict, metric=3, blocks=(128, 64)
+):
+    """(registers, stack bytes, shared bytes) of one build."""
+    dtype = DTYPES[element]
+    meta = dict(
+        HEAD_DIM=head_dim,
+        D_PAD=max(16, triton.next_power_of_2(head_dim)),
+        BLOCK_M=blocks[0],
+        BLOCK_N=blocks[1],
+        METRIC=metric,
+        NUM_LIMITS=1,
+        HAS_RULE=metric > 0,
+        HAS_Q_ORDER=True,
+        HAS_KV_ORDER=True,
+        UPCAST=False,
+        IEEE=dtype == torch.float32,
+    )
+    config = dict(config)
+    options = {k: config.pop(k) for k in ("num_warps", "num_stages") if k in config}
+    constants = meta | config
+    kernel = KERNELS[kernel_name]
+    source = ASTSource(fn=kernel, signature=signature(kernel, element, constants), constexprs=constants)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [cuobjdump, "--dump-resource-usage", cubin.name], capture_output=True, text=True
+        ).stdout
+    registers = int(re.search(r"REG:(\d+)", usage).group(1))
+    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+    return registers, stack, compiled.metadata.shared
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtype", nargs="+", default=list(DTYPES))
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[40, 64, 80, 128])
+    parser.add_argument("--kernel", nargs="+", default=list(KERNELS))
+    parser.add_argument(
+        "--all-configs", action="store_true", help="every autotuning candidate, not the default"
+    )
+    args = parser.parse_args(argv)
+    problems = 0
+    for arch in args.arch:
+        for element in args.dtype:
+            for head_dim in args.head_dim:
+                for name in args.kernel:
+                    for config in tk.CONFIGS[name] if args.all_configs else tk.CONFIGS[name][:1]:
+                        registers, stack, shared = resources(name, arch, element, head_dim, config)
+                        over = shared > SHARED_LIMIT[arch]
+                        problems += over
+                        note = "  <-- over the shared memory limit" if over else "  (spills)" if stack else ""
+                        print(
+                            f"sm_{arch} {element} d{head_dim:<3} {name:<7} regs {registers:3d} stack {stack:5d} "
+                            f"shared {shared // 1024:3d} KiB  {config}{note}"
+                        )
+                        sys.stdout.flush()
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
