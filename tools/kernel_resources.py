@@ -12,8 +12,9 @@ over the shared memory limit.
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import importlib
 import inspect
+import json
 import os
 import re
 import subprocess
@@ -25,24 +26,11 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    # Triton decorates its own library for the interpreter at import: nothing compiles in such a process
+    sys.exit("kernel_resources: unset TRITON_INTERPRET; this tool compiles the kernels for real")
 
-def _compilable_kernels():
-    """A private copy of the kernel module decorated for compiling, whatever TRITON_INTERPRET says: the
-    test suite runs the kernels in the interpreter and compiles them here in the same process."""
-    saved = os.environ.pop("TRITON_INTERPRET", None)
-    try:
-        package = importlib.util.find_spec("attnpack.kernels.block_sparse_attention")
-        path = os.path.join(os.path.dirname(package.origin), "triton_kernels.py")
-        spec = importlib.util.spec_from_file_location("_attnpack_triton_kernels_compiled", path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        if saved is not None:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
-
-
-tk = _compilable_kernels()
+tk = importlib.import_module("attnpack.kernels.block_sparse_attention.triton_kernels")
 
 SHARED_LIMIT = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}  # bytes per block
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -52,7 +40,9 @@ TENSORS = ("Q", "K", "V", "OUT", "DO", "DK", "DV", "DQ")
 
 def signature(kernel, element: str, constants: dict) -> dict[str, str]:
     types = {}
-    for name in inspect.signature(kernel.fn).parameters:
+    for name, parameter in inspect.signature(kernel.fn).parameters.items():
+        if "constexpr" in str(parameter.annotation) and name not in constants:
+            raise ValueError(f"{kernel.fn.__name__}: no value for the constexpr {name}")
         if name in constants:
             types[name] = "constexpr"
         elif name in TENSORS:
@@ -69,7 +59,14 @@ def signature(kernel, element: str, constants: dict) -> dict[str, str]:
 
 
 def resources(
-    kernel_name: str, arch: int, element: str, head_dim: int, config: dict, metric=3, blocks=(128, 64)
+    kernel_name: str,
+    arch: int,
+    element: str,
+    head_dim: int,
+    config: dict,
+    metric=3,
+    blocks=(128, 64),
+    key_mask=False,
 ):
     """(registers, stack bytes, shared bytes) of one build."""
     dtype = DTYPES[element]
@@ -83,6 +80,7 @@ def resources(
         HAS_RULE=metric > 0,
         HAS_Q_ORDER=True,
         HAS_KV_ORDER=True,
+        HAS_KEY_MASK=key_mask,
         UPCAST=False,
         IEEE=dtype == torch.float32,
     )
@@ -115,6 +113,11 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--all-configs", action="store_true", help="every autotuning candidate, not the default"
     )
+    parser.add_argument("--json", action="store_true", help="one JSON record per build on stdout")
+    parser.add_argument("--key-mask", action="store_true", help="builds with a key-padding mask")
+    parser.add_argument(
+        "--metric", type=int, default=3, help="0: block-level pattern, 1 band, 2 box, 3 euclidean"
+    )
     args = parser.parse_args(argv)
     problems = 0
     for arch in args.arch:
@@ -122,9 +125,20 @@ def main(argv=None) -> int:
             for head_dim in args.head_dim:
                 for name in args.kernel:
                     for config in tk.CONFIGS[name] if args.all_configs else tk.CONFIGS[name][:1]:
-                        registers, stack, shared = resources(name, arch, element, head_dim, config)
+                        registers, stack, shared = resources(
+                            name, arch, element, head_dim, config, key_mask=args.key_mask
+                        )
                         over = shared > SHARED_LIMIT[arch]
                         problems += over
+                        if args.json:
+                            record = dict(
+                                arch=arch, dtype=element, head_dim=head_dim, kernel=name, config=config
+                            )
+                            record |= dict(
+                                registers=registers, stack=stack, shared=shared, limit=SHARED_LIMIT[arch]
+                            )
+                            print(json.dumps(record), flush=True)
+                            continue
                         note = "  <-- over the shared memory limit" if over else "  (spills)" if stack else ""
                         print(
                             f"sm_{arch} {element} d{head_dim:<3} {name:<7} regs {registers:3d} stack {stack:5d} "

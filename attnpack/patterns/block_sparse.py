@@ -476,10 +476,11 @@ class BlockSparsePattern:
     # ---- what the kernels read
 
     def lists(self, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """BSR lists: "full" / "partial" (key blocks per query block) and "full_t" / "partial_t" (query
-        blocks per key block, for the backward pass)."""
+        """BSR lists: "full" / "partial" / "all" (key blocks per query block) and "full_t" / "partial_t"
+        (query blocks per key block, for the backward pass)."""
         if kind not in self._lists:
-            block_map = {"full": self.full, "partial": self.partial}[kind.removesuffix("_t")]
+            maps = {"full": self.full, "partial": self.partial, "all": self.full | self.partial}
+            block_map = maps[kind.removesuffix("_t")]
             self._lists[kind] = _bsr(block_map.transpose(1, 2) if kind.endswith("_t") else block_map)
         return self._lists[kind]
 

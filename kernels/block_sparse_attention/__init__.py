@@ -90,12 +90,12 @@ def _check(q, k, v, pattern) -> None:
 
 class _TritonBlockSparseAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, pattern, scale):
+    def forward(ctx, q, k, v, pattern, scale, key_ok):
         from . import triton_kernels
 
-        o, lse = triton_kernels.forward(q, k, v, pattern, scale)
+        o, lse = triton_kernels.forward(q, k, v, pattern, scale, key_ok)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.pattern, ctx.scale = pattern, scale
+        ctx.pattern, ctx.scale, ctx.key_ok = pattern, scale, key_ok
         ctx.mark_non_differentiable(lse)
         return o, lse
 
@@ -104,8 +104,8 @@ class _TritonBlockSparseAttention(torch.autograd.Function):
         from . import triton_kernels
 
         q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = triton_kernels.backward(grad_out, q, k, v, o, lse, ctx.pattern, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = triton_kernels.backward(grad_out, q, k, v, o, lse, ctx.pattern, ctx.scale, ctx.key_ok)
+        return dq, dk, dv, None, None, None
 
 
 def block_sparse_attention(
@@ -115,32 +115,42 @@ def block_sparse_attention(
     pattern,
     *,
     scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str | None = None,
 ):
     """Attention of q (B, Sq, H, D) over k, v (B, Sk, H, D) where `pattern` allows it.
 
-    Returns the output (B, Sq, H, D), and with `return_lse` also the natural-log LSE (B, Sq, H) float32.
-    Differentiable on every backend (the Triton backend with its own backward kernels).
+    `key_padding` (B, Sk) bool, True for real keys, masks keys per batch element on top of the pattern
+    (padded text tokens). Returns the output (B, Sq, H, D), and with `return_lse` also the natural-log LSE
+    (B, Sq, H) float32. Differentiable on every backend (the Triton backend with its own backward kernels).
     """
     _check(q, k, v, pattern)
+    if key_padding is not None and (
+        key_padding.shape != (k.shape[0], k.shape[1]) or key_padding.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"block_sparse_attention: key_padding must be a bool tensor of shape (B, Sk) = "
+            f"{(k.shape[0], k.shape[1])}; got {key_padding.dtype} {tuple(key_padding.shape)}"
+        )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     name = resolve_backend(backend, q.device)
     if name == "triton":
-        out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale)
+        key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
+        out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale, key_ok)
         lse = lse.transpose(1, 2)
     elif name == "reference":
-        out, lse = block_sparse_attention_reference(q, k, v, pattern, scale)
+        out, lse = block_sparse_attention_reference(q, k, v, pattern, scale, key_padding)
     elif name == "flex":
         from .flex import flex_block_sparse_attention
 
-        out, lse = flex_block_sparse_attention(q, k, v, pattern, scale)
+        out, lse = flex_block_sparse_attention(q, k, v, pattern, scale, key_padding=key_padding)
     else:
         if return_lse:
             raise ValueError(
                 "block_sparse_attention: backend='sdpa' does not return the LSE; use another backend"
             )
-        mask = head_mask(pattern.to(q.device), q.shape[2])
+        mask = head_mask(pattern.to(q.device), q.shape[2], key_padding)
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
         ).transpose(1, 2)

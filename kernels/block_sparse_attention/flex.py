@@ -15,14 +15,17 @@ from attnpack.patterns import Metric
 from attnpack.patterns.tiling import tile, untile
 
 
-def _mask_mod(pattern):
+def _mask_mod(pattern, key_ok: torch.Tensor | None):
+    """The element rule (and per-batch key padding, in position order) as a FlexAttention mask_mod."""
+    if not pattern.has_partial:
+        return lambda b, h, q_idx, kv_idx: key_ok[b, kv_idx]
     rule, q_tokens, kv_tokens = pattern.rule, pattern.q_tokens, pattern.kv_tokens
     allow, spatial, limits = rule.allow, rule.spatial, rule.limits
     last = len(limits) - 1
     q_seg, k_seg = q_tokens.segments.long(), kv_tokens.segments.long()
     q_c, k_c = q_tokens.coords, kv_tokens.coords
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def rule_mod(b, h, q_idx, kv_idx):
         sq, sk = q_seg[q_idx], k_seg[kv_idx]
         allowed = allow[sq, sk]
         if rule.metric is Metric.NONE:
@@ -39,7 +42,9 @@ def _mask_mod(pattern):
         limit = limits[(qc[0] - kc[0]).abs().clamp(max=last)]
         return allowed | (spatial[sq, sk] & (distance.to(torch.float32) < limit))
 
-    return mask_mod
+    if key_ok is None:
+        return rule_mod
+    return lambda b, h, q_idx, kv_idx: rule_mod(b, h, q_idx, kv_idx) & key_ok[b, kv_idx]
 
 
 def _padded(index: torch.Tensor, count: torch.Tensor, width: int, heads: int, groups: int):
@@ -50,22 +55,30 @@ def _padded(index: torch.Tensor, count: torch.Tensor, width: int, heads: int, gr
     return count.repeat_interleave(expand, 0)[None], pad.repeat_interleave(expand, 0)[None]
 
 
-def block_mask(pattern, num_heads: int):
-    """A FlexAttention BlockMask for `pattern` (in position order)."""
+def block_mask(pattern, num_heads: int, key_padding: torch.Tensor | None = None):
+    """A FlexAttention BlockMask for `pattern` (in position order). With a key-padding mask every block
+    goes through `mask_mod`: padding can fall anywhere."""
     from torch.nn.attention.flex_attention import BlockMask
 
+    key_ok = None
+    if key_padding is not None:
+        key_ok = key_padding if pattern.kv_order is None else key_padding[:, pattern.kv_order]
     full_count, full_index = pattern.lists("full")
     part_count, part_index = pattern.lists("partial")
     width = pattern.num_kv_blocks
     kv_num, kv_idx = _padded(part_index, part_count, width, num_heads, pattern.num_groups)
     full_num, full_idx = _padded(full_index, full_count, width, num_heads, pattern.num_groups)
+    if key_ok is not None:
+        all_count, all_index = pattern.lists("all")
+        kv_num, kv_idx = _padded(all_index, all_count, width, num_heads, pattern.num_groups)
+        full_num = full_idx = None
     return BlockMask.from_kv_blocks(
         kv_num,
         kv_idx,
         full_num,
         full_idx,
         BLOCK_SIZE=(pattern.block_q, pattern.block_kv),
-        mask_mod=_mask_mod(pattern) if pattern.has_partial else None,
+        mask_mod=_mask_mod(pattern, key_ok) if pattern.has_partial or key_ok is not None else None,
         seq_lengths=(pattern.q_len, pattern.kv_len),
     )
 
@@ -77,12 +90,12 @@ def _compiled():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_block_sparse_attention(q, k, v, pattern, scale: float, mask=None):
+def flex_block_sparse_attention(q, k, v, pattern, scale: float, mask=None, key_padding=None):
     """Output (B, Sq, H, D) and LSE (B, Sq, H). Pass a prebuilt `mask` (from `block_mask`) when timing."""
     from torch.nn.attention.flex_attention import flex_attention
 
     pattern = pattern.to(q.device)
-    mask = block_mask(pattern, q.shape[2]) if mask is None else mask
+    mask = block_mask(pattern, q.shape[2], key_padding) if mask is None else mask
     if pattern.q_order is not None:
         q = tile(q, pattern.q_order)
     if pattern.kv_order is not None:

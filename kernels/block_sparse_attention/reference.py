@@ -5,21 +5,27 @@ from __future__ import annotations
 import torch
 
 
-def head_mask(pattern, num_heads: int) -> torch.Tensor:
-    """The pattern's token mask per head, (1, H, Sq, Sk): head h uses group h // (H / G)."""
-    mask = pattern.to_dense()
-    return mask.repeat_interleave(num_heads // pattern.num_groups, dim=0)[None]
+def head_mask(pattern, num_heads: int, key_padding: torch.Tensor | None = None) -> torch.Tensor:
+    """The pattern's token mask per head, (1 or B, H, Sq, Sk): head h uses group h // (H / G); with a
+    (B, Sk) key-padding mask, padding keys are masked per batch element."""
+    mask = pattern.to_dense().repeat_interleave(num_heads // pattern.num_groups, dim=0)[None]
+    return mask if key_padding is None else mask & key_padding[:, None, None, :]
 
 
 def block_sparse_attention_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pattern, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pattern,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output (B, Sq, H, D) in q's dtype and natural-log LSE (B, Sq, H) float32.
 
     A query row with no allowed key returns zeros and an LSE of -inf. Differentiable.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    mask = head_mask(pattern.to(q.device), q.shape[2])
+    mask = head_mask(pattern.to(q.device), q.shape[2], key_padding)
     scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
     scores = scores.masked_fill(~mask, float("-inf"))
     has_key = mask.any(-1, keepdim=True)

@@ -77,6 +77,15 @@ def _rows(ORDER, offs, in_range, HAS_ORDER: tl.constexpr):
 
 
 @triton.jit
+def _key_ok(KEY_OK, rows, in_range, HAS_KEY_MASK: tl.constexpr):
+    """Keys in range and, with a key-padding mask, not padding (KEY_OK is this batch row's mask)."""
+    if HAS_KEY_MASK:
+        return in_range & (tl.load(KEY_OK + rows, mask=in_range, other=0) != 0)
+    else:
+        return in_range
+
+
+@triton.jit
 def _token_side(COORDS, SEG, ALLOW_BITS, SPATIAL_BITS, offs, in_range, QUERY: tl.constexpr):
     """Element-rule tables of the tokens at `offs`: (allow bits, spatial bits) for queries, segment for keys."""
     seg = tl.load(SEG + offs, mask=in_range, other=0)
@@ -102,6 +111,7 @@ def _fwd_blocks(
     stride_vs,
     stride_vd,
     KV_ORDER,
+    KEY_OK,
     INDEX,
     count,
     kv_len,
@@ -121,6 +131,7 @@ def _fwd_blocks(
     METRIC: tl.constexpr,
     NUM_LIMITS: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr,
+    HAS_KEY_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
 ):
@@ -128,8 +139,9 @@ def _fwd_blocks(
     for i in range(0, count):
         block = tl.load(INDEX + i)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_len
-        rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+        n_in = offs_n < kv_len
+        rows = _rows(KV_ORDER, offs_n, n_in, HAS_KV_ORDER)
+        n_ok = _key_ok(KEY_OK, rows, n_in, HAS_KEY_MASK)
         k = tl.load(
             K + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok, other=0.0
         )
@@ -172,12 +184,12 @@ def _fwd_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ob, stride_os, stride_oh, stride_od,
-    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_ORDER, KV_ORDER, KEY_OK, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
     Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
     q_len, kv_len, num_heads, heads_per_group, num_q_blocks, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -193,6 +205,7 @@ def _fwd_kernel(
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    KEY_OK += b.to(tl.int64) * kv_len  # (B, Skv) int8; unused without a key-padding mask
     q = tl.load(
         Q + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok, other=0.0
     )
@@ -208,17 +221,17 @@ def _fwd_kernel(
             Q_COORDS, Q_SEG, ALLOW_BITS, SPATIAL_BITS, offs_m, m_ok, True
         )
         acc, l_i, m_i = _fwd_blocks(
-            acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+            acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
             PART_INDEX + row.to(tl.int64) * part_width, part_count, kv_len, qk_scale,
             q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
-            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
         )  # fmt: skip
     full_count = tl.load(FULL_COUNT + row)
     acc, l_i, m_i = _fwd_blocks(
-        acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+        acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
         FULL_INDEX + row.to(tl.int64) * full_width, full_count, kv_len, qk_scale,
         offs_m, offs_m, offs_m, offs_m, offs_m, K_COORDS, K_SEG, LIMITS, offs_d,
-        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
     )  # fmt: skip
 
     # A row that may attend nothing has l = 0 and acc = 0: its output is zero, its LSE -inf.
@@ -290,19 +303,21 @@ def _dkdv_rows(
 
 @triton.jit
 def _dq_blocks(
-    dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+    dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
     INDEX, count, kv_len, qk_scale, m_ok,
     q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, PARTIAL: tl.constexpr, METRIC: tl.constexpr,
-    NUM_LIMITS: tl.constexpr, HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    NUM_LIMITS: tl.constexpr, HAS_KV_ORDER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr,
 ):  # fmt: skip
     """dQ of one query block from the key blocks in one list."""
     d_ok = offs_d[None, :] < HEAD_DIM
     for i in range(0, count):
         block = tl.load(INDEX + i)
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < kv_len
-        k_rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+        n_in = offs_n < kv_len
+        k_rows = _rows(KV_ORDER, offs_n, n_in, HAS_KV_ORDER)
+        n_ok = _key_ok(KEY_OK, k_rows, n_in, HAS_KEY_MASK)
         kd_mask = n_ok[:, None] & d_ok
         k = tl.load(K + k_rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=kd_mask, other=0.0)
         v = tl.load(V + k_rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=kd_mask, other=0.0)
@@ -330,12 +345,13 @@ def _dkdv_kernel(
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dkb, stride_dks, stride_dkh, stride_dkd,
     stride_dvb, stride_dvs, stride_dvh, stride_dvd,
-    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_ORDER, KV_ORDER, KEY_OK, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
     Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
     q_len, kv_len, num_heads, heads_per_group, num_kv_blocks, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):  # fmt: skip
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -344,9 +360,11 @@ def _dkdv_kernel(
     group = h // heads_per_group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D_PAD)
-    n_ok = offs_n < kv_len
+    n_in = offs_n < kv_len
     d_ok = offs_d[None, :] < HEAD_DIM
-    k_rows = _rows(KV_ORDER, offs_n, n_ok, HAS_KV_ORDER)
+    k_rows = _rows(KV_ORDER, offs_n, n_in, HAS_KV_ORDER)
+    # padding keys take part in nothing: their gradients are written as zeros
+    n_ok = _key_ok(KEY_OK + b.to(tl.int64) * kv_len, k_rows, n_in, HAS_KEY_MASK)
 
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
@@ -384,7 +402,7 @@ def _dkdv_kernel(
 
     DK += b.to(tl.int64) * stride_dkb + h.to(tl.int64) * stride_dkh
     DV += b.to(tl.int64) * stride_dvb + h.to(tl.int64) * stride_dvh
-    kd_mask = n_ok[:, None] & d_ok
+    kd_mask = n_in[:, None] & d_ok
     tl.store(
         DK + k_rows[:, None] * stride_dks + offs_d[None, :] * stride_dkd,
         (dk * sm_scale).to(DK.dtype.element_ty),
@@ -405,12 +423,13 @@ def _dq_kernel(
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_dob, stride_dos, stride_doh, stride_dod,
     stride_dqb, stride_dqs, stride_dqh, stride_dqd,
-    Q_ORDER, KV_ORDER, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
+    Q_ORDER, KV_ORDER, KEY_OK, FULL_COUNT, FULL_INDEX, full_width, PART_COUNT, PART_INDEX, part_width, Q_COORDS,
     Q_SEG, K_COORDS, K_SEG, ALLOW_BITS, SPATIAL_BITS, LIMITS,
     q_len, kv_len, num_heads, heads_per_group, num_q_blocks, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
-    HAS_KV_ORDER: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr, SUB_M: tl.constexpr,
+    HAS_KV_ORDER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    SUB_M: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)  # SUB_M rows of pattern block pid_m // (BLOCK_M // SUB_M)
     pid_bh = tl.program_id(1)
@@ -427,6 +446,7 @@ def _dq_kernel(
     K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
     V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     DO += b.to(tl.int64) * stride_dob + h.to(tl.int64) * stride_doh
+    KEY_OK += b.to(tl.int64) * kv_len
     qd_mask = m_ok[:, None] & d_ok
     q = tl.load(Q + q_rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=qd_mask, other=0.0)
     do = tl.load(DO + q_rows[:, None] * stride_dos + offs_d[None, :] * stride_dod, mask=qd_mask, other=0.0)
@@ -444,16 +464,16 @@ def _dq_kernel(
     row = group * num_q_blocks + pid_m // (BLOCK_M // SUB_M)
     if HAS_RULE:
         dq = _dq_blocks(
-            dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+            dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
             PART_INDEX + row.to(tl.int64) * part_width, tl.load(PART_COUNT + row), kv_len, qk_scale, m_ok,
             q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
-            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
         )  # fmt: skip
     dq = _dq_blocks(
-        dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER,
+        dq, q, do, lse, delta, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
         FULL_INDEX + row.to(tl.int64) * full_width, tl.load(FULL_COUNT + row), kv_len, qk_scale, m_ok,
         q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
-        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, UPCAST, IEEE,
+        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
     )  # fmt: skip
 
     DQ += b.to(tl.int64) * stride_dqb + h.to(tl.int64) * stride_dqh
@@ -471,8 +491,8 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
 
-def _pattern_arguments(pattern, transposed: bool, device) -> list:
-    """Pointers and widths for the BSR lists, the token orders and the element rule."""
+def _pattern_arguments(pattern, transposed: bool, device, key_ok: torch.Tensor | None) -> list:
+    """Pointers and widths for the BSR lists, the token orders, the key mask and the element rule."""
     suffix = "_t" if transposed else ""
     full_count, full_index = pattern.lists("full" + suffix)
     part_count, part_index = pattern.lists("partial" + suffix)
@@ -495,6 +515,7 @@ def _pattern_arguments(pattern, transposed: bool, device) -> list:
     return [
         dummy if pattern.q_order is None else pattern.q_order,
         dummy if pattern.kv_order is None else pattern.kv_order,
+        dummy if key_ok is None else key_ok,
         full_count,
         full_index,
         full_index.shape[-1],
@@ -506,7 +527,7 @@ def _pattern_arguments(pattern, transposed: bool, device) -> list:
     ]
 
 
-def _meta(pattern, q: torch.Tensor) -> dict:
+def _meta(pattern, q: torch.Tensor, key_ok: torch.Tensor | None) -> dict:
     head_dim = q.shape[-1]
     rule = pattern.rule
     return dict(
@@ -519,6 +540,7 @@ def _meta(pattern, q: torch.Tensor) -> dict:
         HAS_RULE=pattern.has_partial,
         HAS_Q_ORDER=pattern.q_order is not None,
         HAS_KV_ORDER=pattern.kv_order is not None,
+        HAS_KEY_MASK=key_ok is not None,
         UPCAST=_interpreting() and q.dtype == torch.bfloat16,
         IEEE=q.dtype == torch.float32,
     )
@@ -547,7 +569,7 @@ CONFIGS = {  # the first of each list is the untuned default: no spills at head 
         dict(SUB_M=32, num_warps=4, num_stages=2),
     ],
 }
-TUNING_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "METRIC", "NUM_LIMITS", "HAS_RULE", "IEEE"]
+TUNING_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "METRIC", "NUM_LIMITS", "HAS_RULE", "HAS_KEY_MASK", "IEEE"]
 
 
 def _launch_config(kernel: str, meta: dict, dtype: torch.dtype) -> dict:
@@ -589,42 +611,45 @@ def _launch(kernel: str, grid, args: tuple, meta: dict, dtype: torch.dtype) -> N
         jit[grid(meta | config) if callable(grid) else grid](*args, **meta, **config)
 
 
-def forward(q, k, v, pattern, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """o (B, Sq, H, D) like q, and the natural-log LSE as (B, H, Sq) float32."""
+def forward(
+    q, k, v, pattern, scale: float, key_ok: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """o (B, Sq, H, D) like q, and the natural-log LSE as (B, H, Sq) float32. `key_ok`: (B, Skv) int8,
+    contiguous, 0 for padding keys."""
     batch, q_len, heads, _ = q.shape
     pattern = pattern.to(q.device)
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
-    meta = _meta(pattern, q)
+    meta = _meta(pattern, q, key_ok)
     args = (
         q, k, v, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        *_pattern_arguments(pattern, False, q.device),
+        *_pattern_arguments(pattern, False, q.device, key_ok),
         q_len, k.shape[1], heads, heads // pattern.num_groups, pattern.num_q_blocks, scale * LOG2E,
     )  # fmt: skip
     _launch("forward", (pattern.num_q_blocks, batch * heads), args, meta, q.dtype)
     return o, lse
 
 
-def backward(do, q, k, v, o, lse, pattern, scale: float):
+def backward(do, q, k, v, o, lse, pattern, scale: float, key_ok: torch.Tensor | None = None):
     """dq, dk, dv for `forward`'s output gradient `do`."""
     batch, q_len, heads, _ = q.shape
     pattern = pattern.to(q.device)
     delta = (o.float() * do.float()).sum(-1).transpose(1, 2).contiguous()  # (B, H, Sq)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    meta = _meta(pattern, q)
+    meta = _meta(pattern, q, key_ok)
     common = (q_len, k.shape[1], heads, heads // pattern.num_groups)
     dkdv_args = (
         q, k, v, do, dk, dv, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        *_pattern_arguments(pattern, True, q.device),
+        *_pattern_arguments(pattern, True, q.device, key_ok),
         *common, pattern.num_kv_blocks, scale * LOG2E, scale,
     )  # fmt: skip
     _launch("dkdv", (pattern.num_kv_blocks, batch * heads), dkdv_args, meta, q.dtype)
     dq_args = (
         q, k, v, do, dq, lse, delta,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        *_pattern_arguments(pattern, False, q.device),
+        *_pattern_arguments(pattern, False, q.device, key_ok),
         *common, pattern.num_q_blocks, scale * LOG2E, scale,
     )  # fmt: skip
     slices = lambda config: (pattern.num_q_blocks * (pattern.block_q // config["SUB_M"]), batch * heads)  # noqa: E731
