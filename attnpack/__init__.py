@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import Handle, apply, attach, remove
 from .context import AttentionSite, AttnContext
 from .layout import Role, TokenLayout
-from .methods import METHODS, AttentionMethod, DenseAttention
+from .methods import METHODS, AttentionMethod, DenseAttention, RadialAttention
 
 try:
     __version__ = version("attnpack")
@@ -28,6 +28,7 @@ __all__ = [
     "AttnContext",
     "DenseAttention",
     "Handle",
+    "RadialAttention",
     "Role",
     "TokenLayout",
     "__version__",

@@ -19,15 +19,16 @@ def clean_backend(monkeypatch):
     kernels.set_backend(None)
 
 
-def test_auto_runs_the_reference_on_cpu_and_says_so_once(caplog):
+def test_auto_runs_sdpa_or_the_reference_on_cpu_and_says_so_once(caplog):
     import importlib
 
     importlib.import_module("attnpack.kernels.block_sparse_attention")._logged.clear()
     with caplog.at_level(logging.INFO, logger="attnpack"):
-        assert resolve_backend(None, torch.device("cpu")) == "reference"
-        assert resolve_backend("auto", torch.device("cpu")) == "reference"
+        assert resolve_backend(None, torch.device("cpu")) == "sdpa"
+        assert resolve_backend("auto", torch.device("cpu")) == "sdpa"
+        assert resolve_backend("auto", torch.device("cpu"), need_lse=True) == "reference"
     messages = [r.message for r in caplog.records if "no CUDA device" in r.message]
-    assert len(messages) == 1 and "torch reference" in messages[0]
+    assert len(messages) == 2 and "sdpa with the dense mask" in messages[0]
     assert resolve_backend(None, torch.device("cuda")) == "triton"
 
 

@@ -7,8 +7,9 @@ from typing import Any
 
 from .base import AttentionMethod, check_choice, check_number
 from .dense import DenseAttention
+from .radial import RadialAttention
 
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention,)}
+METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention, RadialAttention)}
 
 
 def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod:
@@ -40,4 +41,12 @@ def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod
     return cls(**config)
 
 
-__all__ = ["METHODS", "AttentionMethod", "DenseAttention", "check_choice", "check_number", "make_method"]
+__all__ = [
+    "METHODS",
+    "AttentionMethod",
+    "DenseAttention",
+    "RadialAttention",
+    "check_choice",
+    "check_number",
+    "make_method",
+]

@@ -9,6 +9,7 @@ from .block_sparse import (
     block_counts,
     default_blocks,
 )
+from .radial import radial
 from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "grid_coordinates",
     "identity_order",
     "inverse_order",
+    "radial",
     "tile",
     "tile_order",
     "untile",

@@ -4,8 +4,9 @@
     out, lse = block_sparse_attention(q, k, v, pattern, return_lse=True)  # lse: (B, Sq, H), natural log
 
 Backends: "triton" (attnpack's kernels: forward and backward), "reference" (float32 math under
-`pattern.to_dense()`: the spec), and two for comparison, "flex" (FlexAttention with the same block mask)
-and "sdpa" (SDPA with the dense mask). "auto" picks Triton on CUDA and the reference elsewhere.
+`pattern.to_dense()`: the spec), "flex" (FlexAttention with the same block mask, for comparison) and
+"sdpa" (SDPA with the dense mask). "auto" picks Triton on CUDA; elsewhere SDPA with the dense mask, which
+is what stock diffusers computes there, or the reference when the LSE is asked for.
 A query row with no allowed key returns zeros (and an LSE of -inf), whatever the backend.
 """
 
@@ -37,7 +38,7 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
+def resolve_backend(backend: str | None, device: torch.device, need_lse: bool = False) -> str:
     """The backend a call runs on: the argument, else `set_backend` / ATTNPACK_KERNEL_BACKEND, else auto."""
     name = (backend or current_backend()).lower()
     if name not in BACKENDS:
@@ -47,10 +48,12 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name == "auto":
         if device.type == "cuda":
             return "triton"
+        fallback = "reference" if need_lse else "sdpa"
         _log_once(
-            f"block_sparse_attention: no CUDA device ({device.type}), running the torch reference (slow)"
+            f"block_sparse_attention: no CUDA device ({device.type}), running {fallback} with the dense mask "
+            "(memory and time grow with the square of the sequence)"
         )
-        return "reference"
+        return fallback
     if name == "triton" and device.type != "cuda" and not _interpreting():
         raise ValueError(
             f"block_sparse_attention: backend='triton' needs CUDA tensors (got {device.type}); "
@@ -134,7 +137,7 @@ def block_sparse_attention(
             f"{(k.shape[0], k.shape[1])}; got {key_padding.dtype} {tuple(key_padding.shape)}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = resolve_backend(backend, q.device)
+    name = resolve_backend(backend, q.device, need_lse=return_lse)
     if name == "triton":
         key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
         out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale, key_ok)

@@ -1,0 +1,216 @@
+"""Radial attention (Li et al., 2025): O(n log n) sparse attention for video DiTs.
+
+Attention between two frames gets less budget the farther apart they are: frame pairs at distance d <= 1
+attend fully; beyond, each query sees a window whose width halves with every doubling of d, and once the
+window drops below a block, only every (block / window)-th frame pair is kept at all.
+
+Two variants of the same budget:
+
+- ``official`` reproduces what the public code (mit-han-lab/radial-attention) computes: the window is a
+  band |i - j| <= width on the raster token index inside each frame pair, the first frame is a full key
+  frame (attention sink), and the token mask is reduced to ``block_size`` blocks the way their code does:
+  a block is kept when more than 60% of its non-empty columns have a density above 1/3.
+- ``spatial`` spends the same per-distance budget on true 2D windows (a disc of the band's area) on the
+  frame grid, in tiled token order, so it covers the nearest pixels instead of a strip of rows.
+
+Text tokens (a joint sequence: HunyuanVideo's text last, CogVideoX's first) attend and are attended
+everywhere.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from .block_sparse import BlockSparsePattern, ElementRule, Metric, TokenTable, default_blocks
+from .tiling import concat_orders, grid_coordinates, identity_order, tile_order
+
+VARIANTS = ("official", "spatial")
+
+
+def frame_budget(tokens_per_frame: int, distance: int, decay_factor: float, block_size: int) -> float | None:
+    """The band half-width (in tokens) two frames `distance` apart get, inf for full attention, or None
+    when the pair is skipped."""
+    if distance <= 1:
+        return math.inf
+    halvings = distance.bit_length()
+    base = 2 ** tokens_per_frame.bit_length() / 2**halvings
+    if base < block_size and distance % int(block_size / base) != 0:
+        return None
+    return max(base * decay_factor, block_size)
+
+
+def radial(
+    num_frames: int,
+    frame_shape: tuple[int, int],
+    *,
+    decay_factor: float,
+    sink: bool = True,
+    text_tokens: int = 0,
+    text_first: bool = False,
+    variant: str = "official",
+    block_size: int = 128,
+    blocks: tuple[int, int] | None = None,
+    device: torch.device | str | None = None,
+) -> BlockSparsePattern:
+    """The radial pattern of a video of `num_frames` latent frames of `frame_shape` (H, W) tokens.
+
+    `text_tokens` text tokens sit after the video (or before, `text_first`). `block_size` is the paper's
+    block (width floor, skip rule and, for ``official``, the reduction); `blocks` the kernel's
+    (block_q, block_kv), by default the device's, and for ``official`` at most `block_size`.
+    """
+    _validate(num_frames, frame_shape, decay_factor, text_tokens, variant, block_size)
+    if blocks is None:
+        blocks = default_blocks(128, device)
+        if variant == "official":
+            blocks = (min(blocks[0], block_size), min(blocks[1], block_size))
+    arguments = (
+        num_frames,
+        tuple(frame_shape),
+        float(decay_factor),
+        bool(sink),
+        text_tokens,
+        text_first,
+        block_size,
+    )
+    if variant == "official":
+        pattern = _official(*arguments, blocks)
+    else:  # classifying blocks is O(S^2 / blocks) work: do it where the pattern will run
+        pattern = _spatial(*arguments, blocks, str(torch.device(device or "cpu")))
+    return pattern if device is None else pattern.to(device)
+
+
+def _validate(num_frames, frame_shape, decay_factor, text_tokens, variant, block_size) -> None:
+    if not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"radial: num_frames={num_frames!r} must be an integer >= 1")
+    if len(frame_shape) != 2 or any(not isinstance(n, int) or n < 1 for n in frame_shape):
+        raise ValueError(f"radial: frame_shape={frame_shape!r} must be (H, W), two positive integers")
+    if not isinstance(decay_factor, (int, float)) or not decay_factor > 0 or not math.isfinite(decay_factor):
+        raise ValueError(f"radial: decay_factor={decay_factor!r} must be a number > 0")
+    if not isinstance(text_tokens, int) or text_tokens < 0:
+        raise ValueError(f"radial: text_tokens={text_tokens!r} must be an integer >= 0")
+    if variant not in VARIANTS:
+        raise ValueError(f"radial: variant={variant!r} is not one of {', '.join(map(repr, VARIANTS))}")
+    if not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"radial: block_size={block_size!r} must be a power of two >= 16")
+
+
+@functools.lru_cache(maxsize=64)
+def _official(num_frames, frame_shape, decay_factor, sink, text_tokens, text_first, block_size, blocks):
+    tokens_per_frame = frame_shape[0] * frame_shape[1]
+    length = num_frames * tokens_per_frame + text_tokens
+    video_start = text_tokens if text_first else 0
+    num_blocks = -(-length // block_size)
+    block_map = torch.zeros(num_blocks, num_blocks, dtype=torch.bool)
+    span = -(-tokens_per_frame // block_size)  # blocks a frame's reduction covers
+    for i in range(num_frames):
+        for j in range(num_frames):
+            width = (
+                math.inf
+                if sink and j == 0
+                else frame_budget(tokens_per_frame, abs(i - j), decay_factor, block_size)
+            )
+            if width is None:
+                continue
+            row, col = video_start + i * tokens_per_frame, video_start + j * tokens_per_frame
+            kept = _reduced_band(tokens_per_frame, row % block_size, col % block_size, width, block_size)
+            r0, c0 = row // block_size, col // block_size
+            rows, cols = min(span, num_blocks - r0), min(span, num_blocks - c0)
+            block_map[r0 : r0 + rows, c0 : c0 + cols] |= kept[:rows, :cols]
+    if text_tokens:
+        text_start = 0 if text_first else length - text_tokens
+        text_blocks = slice(text_start // block_size, -(-(text_start + text_tokens) // block_size))
+        block_map[text_blocks] = True
+        block_map[:, text_blocks] = True
+    block_q, block_kv = blocks
+    if block_size % block_q or block_size % block_kv:
+        raise ValueError(
+            f"radial: blocks={blocks} must divide block_size={block_size} for the official variant"
+        )
+    fine = block_map.repeat_interleave(block_size // block_q, 0).repeat_interleave(block_size // block_kv, 1)
+    fine = fine[: -(-length // block_q), : -(-length // block_kv)]
+    return BlockSparsePattern.from_block_mask(
+        fine[None], q_len=length, kv_len=length, block_q=block_q, block_kv=block_kv
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _reduced_band(tokens: int, row_offset: int, col_offset: int, width: float, block: int) -> torch.Tensor:
+    """The public code's block reduction of one frame pair's band mask |c - r| <= width (tokens x tokens,
+    placed at the given offsets inside its first block): (span, span) bool, span = ceil(tokens / block).
+
+    Per block, the density of each column is the fraction of the block's rows it covers; the block is kept
+    when more than 60% of the non-empty columns are denser than 1/3. Counted from intervals, never
+    materialising the tokens x tokens mask.
+    """
+    span = -(-tokens // block)
+    reach = tokens if math.isinf(width) else math.floor(width)
+    block_index = torch.arange(span)
+    # valid local rows of each row block: [low, high)
+    low = (block_index * block - row_offset).clamp(min=0, max=tokens)
+    high = ((block_index + 1) * block - row_offset).clamp(min=0, max=tokens)
+    # local column of every column of every column block: (span, block)
+    columns = block_index[:, None] * block + torch.arange(block)[None, :] - col_offset
+    valid = (columns >= 0) & (columns < tokens)
+    first = torch.maximum(low[:, None, None], columns[None] - reach)  # (row blocks, col blocks, block)
+    last = torch.minimum(high[:, None, None], columns[None] + reach + 1)
+    count = (last - first).clamp(min=0) * valid[None]
+    nonzero = (count > 0).sum(-1)
+    dense = (3 * count > block).sum(-1)
+    return dense / (nonzero + 1e-9) > 0.6
+
+
+@functools.lru_cache(maxsize=64)
+def _spatial(
+    num_frames, frame_shape, decay_factor, sink, text_tokens, text_first, block_size, blocks, device
+):
+    tokens_per_frame = frame_shape[0] * frame_shape[1]
+    video = num_frames * tokens_per_frame
+    video_start, text_start = (text_tokens, 0) if text_first else (0, video)
+    grid = (num_frames, *frame_shape)
+    tile = (1, *_tile_for(frame_shape, blocks[0]))
+    video_order = tile_order(grid, tile, offset=video_start)
+    text_order = identity_order(text_tokens, offset=text_start)
+    order = concat_orders(text_order, video_order) if text_first else concat_orders(video_order, text_order)
+
+    length = video + text_tokens
+    coords = torch.zeros(length, 3, dtype=torch.int32)
+    coords[video_start : video_start + video] = grid_coordinates(grid)
+    # segments: 0 text, 1 the sink frame, 2 other video frames
+    segments = torch.zeros(length, dtype=torch.int32)
+    segments[video_start : video_start + video] = 2
+    if sink:
+        segments[video_start : video_start + tokens_per_frame] = 1
+    allow = torch.zeros(3, 3, dtype=torch.bool)
+    allow[0, :] = allow[:, 0] = True
+    if sink:
+        allow[1:, 1] = True  # every video query sees the whole first frame
+    spatial = torch.zeros(3, 3, dtype=torch.bool)
+    spatial[1:, 1:] = True
+
+    limits = []
+    for distance in range(num_frames):
+        width = frame_budget(tokens_per_frame, distance, decay_factor, block_size)
+        if width is None:
+            limits.append(-1.0)
+        elif math.isinf(width) or 2 * math.floor(width) + 1 >= tokens_per_frame:
+            limits.append(float(sum(n * n for n in frame_shape)) + 1.0)  # farther than any two tokens
+        else:
+            limits.append((2 * math.floor(width) + 1) / math.pi)  # a disc of the band's area: r^2 = area / pi
+    rule = ElementRule(allow, spatial, Metric.EUCLIDEAN, torch.tensor(limits))
+    tokens = TokenTable(coords[order], segments[order]).to(device)
+    order = order.to(device)
+    return BlockSparsePattern.from_rule(
+        rule, tokens, tokens, block_q=blocks[0], block_kv=blocks[1], q_order=order, kv_order=order
+    )
+
+
+def _tile_for(frame_shape: tuple[int, int], block: int) -> tuple[int, int]:
+    """A tile of `block` tokens, as square as powers of two allow, no larger than the frame."""
+    height, width = frame_shape
+    tile_h = 1
+    while tile_h * 2 <= height and (block // (tile_h * 2)) >= tile_h * 2:
+        tile_h *= 2
+    return tile_h, max(1, min(width, block // tile_h))
