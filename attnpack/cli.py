@@ -91,16 +91,104 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--overwrite", action="store_true", help="replace existing result files")
     kernels.add_argument("--warmup-ms", type=float, default=25.0)
     kernels.add_argument("--rep-ms", type=float, default=100.0)
+    radial_bench = bench_commands.add_parser("radial", help="one transformer forward: dense against radial")
+    radial_bench.add_argument("--model", nargs="+", metavar="NAME", help="default: every full-size model")
+    radial_bench.add_argument("--device", help="cuda (default when present) or cpu (the tiny model only)")
+    radial_bench.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/radial-<device>.json)"
+    )
+    radial_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    radial_bench.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (median)")
+    pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
+    pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
+    radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
+    radial.add_argument("--frames", type=int, required=True, help="latent frames")
+    radial.add_argument(
+        "--frame-shape", type=int, nargs=2, required=True, metavar=("H", "W"), help="tokens per frame"
+    )
+    radial.add_argument("--decay-factor", type=float, default=1.0)
+    radial.add_argument("--no-sink", dest="sink", action="store_false", help="no full first key frame")
+    radial.add_argument("--text-tokens", type=int, default=0)
+    radial.add_argument("--text-first", action="store_true")
+    radial.add_argument("--variant", default="official", help="official (default) or spatial")
+    radial.add_argument("--block-size", type=int, default=128)
+    radial.add_argument("--png", help="write a picture of the block map (the token mask for short sequences)")
+    radial.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
     args = parser.parse_args(argv)
 
+    if args.command == "pattern":
+        return _pattern(args)
     if args.command == "info":
         report = system_info()
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
         return 0
     if args.command == "bench":
-        return _bench_kernels(args)
+        return _bench_kernels(args) if args.suite == "kernels" else _bench_radial(args)
     parser.print_help()
     return 2
+
+
+def _bench_radial(args) -> int:
+    from .bench import radial
+
+    try:
+        path = radial.run(
+            args.model or radial.DEFAULT_MODELS,
+            device=args.device,
+            out=args.out,
+            overwrite=args.overwrite,
+            repeats=args.repeats,
+        )
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack bench radial: {error}\n")
+        return 2
+    result = json.loads(path.read_text())
+    lines = [f"{'model':<24} {'dense s':>9} {'sparse s':>9} {'step s':>9} {'all-sparse':>11} {'50 steps':>9}"]
+    for record in result["models"]:
+        seconds = record["seconds"]
+        lines.append(
+            f"{record['model']:<24} {seconds['dense']:>9.3f} {seconds['radial_all_sparse']:>9.3f} "
+            f"{seconds['radial_sparse_step']:>9.3f} {record['speedup_all_sparse']:>10.2f}x "
+            f"{record['speedup_50_steps']:>8.2f}x"
+        )
+    lines.append(f"wrote {path} and {path.with_suffix('.png')}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def _pattern(args) -> int:
+    from .bench.report import write_atomically
+    from .patterns import radial
+    from .patterns.pictures import block_map_image, mask_image
+
+    try:
+        pattern = radial(
+            args.frames,
+            tuple(args.frame_shape),
+            decay_factor=args.decay_factor,
+            sink=args.sink,
+            text_tokens=args.text_tokens,
+            text_first=args.text_first,
+            variant=args.variant,
+            block_size=args.block_size,
+        )
+        lines = [
+            f"radial ({args.variant}): {args.frames} frames x {args.frame_shape[0]} x {args.frame_shape[1]} tokens"
+            f" + {args.text_tokens} text = {pattern.q_len:,} tokens",
+            f"blocks {pattern.block_q} x {pattern.block_kv}: {pattern.num_blocks:,} of "
+            f"{pattern.num_q_blocks * pattern.num_kv_blocks:,} computed",
+            f"block density   {pattern.block_density:.4f}",
+            f"element density {pattern.element_density:.4f}",
+        ]
+        if args.png:
+            picture = mask_image(pattern) if pattern.q_len <= 4096 else block_map_image(pattern)
+            write_atomically(args.png, lambda path: picture.save(path, format="PNG"), args.overwrite)
+            lines.append(f"wrote {args.png}")
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack pattern radial: {error}\n")
+        return 2
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
 
 
 def _bench_kernels(args) -> int:

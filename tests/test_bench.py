@@ -66,3 +66,18 @@ def test_cli_prints_a_table(tmp_path, capsys):
     )
     out = capsys.readouterr().out
     assert "attnpack-sparse" in out and f"wrote {tmp_path}" in out
+
+
+def test_radial_benchmark_on_the_smoke_models(tmp_path):
+    from attnpack.bench import radial
+
+    path = radial.run(["tiny", "tiny-hunyuan"], device="cpu", out=tmp_path, repeats=1)
+    result = json.loads(path.read_text())
+    assert path.name == "radial-cpu.json" and path.with_suffix(".png").exists()
+    assert [m["model"] for m in result["models"]] == ["tiny", "tiny-hunyuan"]
+    for record in result["models"]:
+        assert set(record["seconds"]) == {"dense", "radial_all_sparse", "radial_sparse_step"}
+        assert record["speedup_50_steps"] > 0
+    assert result["models"][1]["settings"]["sink"] is False  # the HunyuanVideo preset
+    with pytest.raises(ValueError, match="Use --model tiny tiny-hunyuan"):
+        radial.run(["wan2.1-14b-720p-81f"], device="cpu", out=tmp_path)

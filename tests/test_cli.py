@@ -40,3 +40,36 @@ def test_module_entry_point(tmp_path):
         check=True,
     )
     assert "kernel backends:" in result.stdout
+
+
+def test_pattern_radial_prints_densities_and_draws(tmp_path, capsys):
+    png = tmp_path / "radial.png"
+    assert (
+        main(
+            [
+                "pattern",
+                "radial",
+                "--frames",
+                "18",
+                "--frame-shape",
+                "48",
+                "80",
+                "--decay-factor",
+                "0.2",
+                "--png",
+                str(png),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "69,120 tokens" in out and "block density   0.2871" in out
+    from PIL import Image
+
+    with Image.open(png) as image:
+        assert image.size == (1024, 1024)
+    # never over a file without --overwrite
+    assert main(["pattern", "radial", "--frames", "4", "--frame-shape", "8", "8", "--png", str(png)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert main(["pattern", "radial", "--frames", "4", "--frame-shape", "8", "8", "--variant", "raster"]) == 2
+    assert "variant='raster'" in capsys.readouterr().err

@@ -153,3 +153,22 @@ def test_with_a_lora_loaded_through_diffusers(tmp_path):
     assert max_diff(with_lora, without) > 1e-4
     with attnpack.apply(pipe, "radial", **EVERYTHING):
         assert max_diff(run_tiny(pipe, "tiny-wan-t2v", **sizes), with_lora) <= 1e-5
+
+
+def test_lora_trains_through_the_method():
+    """Gradients reach LoRA weights through radial attention: what length-extension training needs."""
+    from peft import LoraConfig
+
+    pipe = tiny_pipeline("tiny-wan-t2v")
+    transformer = pipe.transformer
+    transformer.add_adapter(
+        LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    )
+    attnpack.apply(transformer, "radial", **SPARSE)
+    latents = torch.randn(1, 16, 9, 8, 16)  # 9 latent frames of 4 x 8 tokens
+    text = torch.randn(1, 16, 32)
+    out = transformer(latents, timestep=torch.tensor([500]), encoder_hidden_states=text, return_dict=False)[0]
+    out.square().mean().backward()
+    grads = [p.grad for n, p in transformer.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert any(g.abs().sum() > 0 for g in grads)

@@ -55,7 +55,12 @@ def write_json(path: Path, data: dict, overwrite: bool) -> None:
 
 
 def plot_speedups(
-    path: Path, title: str, groups: list[str], series: dict[str, list[float | None]], overwrite: bool
+    path: Path,
+    title: str,
+    groups: list[str],
+    series: dict[str, list[float | None]],
+    overwrite: bool,
+    xlabel: str = "speedup over the best dense SDPA backend (higher is better)",
 ):
     """Grouped horizontal bars: one group per geometry, one bar per series (None: not measured)."""
     import matplotlib
@@ -78,7 +83,7 @@ def plot_speedups(
     axis.set_yticks([row + height * (len(series) - 1) / 2 for row in range(rows)], groups, fontsize=8)
     axis.invert_yaxis()
     axis.axvline(1.0, color="gray", linewidth=0.8, linestyle="--")
-    axis.set_xlabel("speedup over the best dense SDPA backend (higher is better)")
+    axis.set_xlabel(xlabel)
     axis.set_title(title, fontsize=10)
     axis.legend(fontsize=7, loc="lower right")
     figure.tight_layout()
