@@ -14,7 +14,7 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import Handle, apply, attach, remove
 from .context import AttentionSite, AttnContext
 from .layout import Role, TokenLayout
-from .methods import METHODS, AttentionMethod, DenseAttention, RadialAttention
+from .methods import METHODS, AttentionMethod, ClearAttention, DenseAttention, RadialAttention
 
 try:
     __version__ = version("attnpack")
@@ -26,6 +26,7 @@ __all__ = [
     "AttentionMethod",
     "AttentionSite",
     "AttnContext",
+    "ClearAttention",
     "DenseAttention",
     "Handle",
     "RadialAttention",

@@ -67,6 +67,8 @@ def attach(pipe) -> AttnContext:
             adapter, role = found
             site = AttentionSite(
                 name=f"{attr}.{name}" if is_pipeline else name,
+                local_name=name,
+                denoiser=attr,
                 family=family,
                 adapter=adapter,
                 role=role,
@@ -116,10 +118,14 @@ def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
             f"{type(method).__name__} ({method.name!r}) acts on the families {list(method.families)} "
             f"(layer roles {roles}); this pipeline has {found}, with no such layer"
         )
-    handle = Handle(attachment, method, {})
-    for module in targets:
+    sites = dict(attachment.modules)
+    processors = {module: method.processor_for(module, sites[module]) for module in targets}
+    undo = method.install(processors, {attr: model for attr, (model, _) in attachment.denoisers.items()})
+    handle = Handle(attachment, method, {}, undo)
+    for module, processor in processors.items():
         handle.replaced[module] = module.processor
-        module.set_processor(method)
+        handle.installed[module] = processor
+        module.set_processor(processor)
     attachment.handles.append(handle)
     return handle
 
@@ -149,10 +155,12 @@ def remove(pipe) -> bool:
 class Handle:
     """One `apply`: the processors it replaced, so that `remove()` can put them back."""
 
-    def __init__(self, attachment: Attachment, method: AttentionMethod, replaced: dict):
+    def __init__(self, attachment: Attachment, method: AttentionMethod, replaced: dict, undo=None):
         self.attachment = attachment
         self.method = method
         self.replaced: dict[torch.nn.Module, Any] = replaced
+        self.installed: dict[torch.nn.Module, Any] = {}  # what this apply put on each module
+        self.undo = undo  # reverses the method's model-level changes (weights, rotary embedding)
         self.removed = False
 
     @property
@@ -169,8 +177,10 @@ class Handle:
             later = [h for h in handles[handles.index(self) + 1 :] if module in h.replaced]
             if later:
                 later[0].replaced[module] = previous
-            elif module.processor is self.method:
+            elif module.processor is self.installed[module]:
                 module.set_processor(previous)
+        if self.undo is not None:
+            self.undo()
         handles.remove(self)
         self.removed = True
 

@@ -99,6 +99,21 @@ def main(argv: list[str] | None = None) -> int:
     )
     radial_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
     radial_bench.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (median)")
+    clear_bench = bench_commands.add_parser(
+        "clear", help="CLEAR: the attention op and a FLUX step, dense and local"
+    )
+    clear_bench.add_argument(
+        "--resolution", nargs="+", metavar="NAME", help="default: flux-1024 flux-2048 flux-4096"
+    )
+    clear_bench.add_argument("--device", help="cuda (default when present) or cpu (the tiny resolution only)")
+    clear_bench.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/clear-<device>.json)"
+    )
+    clear_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    clear_bench.add_argument(
+        "--no-steps", dest="steps", action="store_false", help="the op only, no transformer"
+    )
+    clear_bench.add_argument("--repeats", type=int, default=3, help="timed transformer forwards (median)")
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
@@ -114,8 +129,27 @@ def main(argv: list[str] | None = None) -> int:
     radial.add_argument("--block-size", type=int, default=128)
     radial.add_argument("--png", help="write a picture of the block map (the token mask for short sequences)")
     radial.add_argument("--overwrite", action="store_true", help="replace an existing --png file")
+    distill = commands.add_parser("distill", help="train attention for a method")
+    distill_kinds = distill.add_subparsers(dest="kind", metavar="METHOD", required=True)
+    clear = distill_kinds.add_parser("clear", help="CLEAR attention for FLUX, against the dense teacher")
+    clear.add_argument("--model", required=True, help="a FLUX pipeline: Hub id, local folder, or tiny-flux")
+    clear.add_argument(
+        "--images", required=True, help="folder of teacher images (prompt: name.txt beside name.png)"
+    )
+    clear.add_argument("--out", required=True, help="safetensors file to write")
+    clear.add_argument("--radius", type=float, default=16)
+    clear.add_argument("--down-factor", type=int, default=None)
+    clear.add_argument("--steps", type=int, default=1000)
+    clear.add_argument("--learning-rate", type=float, default=1e-4)
+    clear.add_argument("--resolution", type=int, default=1024)
+    clear.add_argument("--batch-size", type=int, default=1)
+    clear.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16 (accelerate)")
+    clear.add_argument("--seed", type=int, default=0)
+    clear.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     args = parser.parse_args(argv)
 
+    if args.command == "distill":
+        return _distill_clear(args)
     if args.command == "pattern":
         return _pattern(args)
     if args.command == "info":
@@ -123,9 +157,91 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
         return 0
     if args.command == "bench":
-        return _bench_kernels(args) if args.suite == "kernels" else _bench_radial(args)
+        return {"kernels": _bench_kernels, "radial": _bench_radial, "clear": _bench_clear}[args.suite](args)
     parser.print_help()
     return 2
+
+
+def load_flux(model: str):
+    """A FluxPipeline from a Hub id or a local folder, or the tiny random-weight one ("tiny-flux")."""
+    if model == "tiny-flux":
+        from .pipelines import build_tiny_pipeline
+
+        return build_tiny_pipeline("tiny-flux")
+    from diffusers import FluxPipeline
+
+    try:
+        return FluxPipeline.from_pretrained(model)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"could not load the FLUX pipeline {model!r} ({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+            f"give a local folder, or download it first: `huggingface-cli download {model}` (HF_HUB_OFFLINE unset)"
+        ) from error
+
+
+def _distill_clear(args) -> int:
+    from .training import distill_clear
+
+    try:
+        pipe = load_flux(args.model)
+        result = distill_clear(
+            pipe,
+            args.images,
+            args.out,
+            radius=args.radius,
+            down_factor=args.down_factor,
+            steps=args.steps,
+            learning_rate=args.learning_rate,
+            resolution=args.resolution,
+            batch_size=args.batch_size,
+            mixed_precision=args.mixed_precision,
+            seed=args.seed,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack distill clear: {error}\n")
+        return 2
+    losses = result.losses
+    head, tail = losses[: max(1, len(losses) // 10)], losses[-max(1, len(losses) // 10) :]
+    sys.stdout.write(
+        f"loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f} over {len(losses)} steps\n"
+        f"wrote {result.path}: load it with attnpack.ClearAttention(radius={args.radius:g}"
+        f"{f', down_factor={args.down_factor}' if args.down_factor else ''}, weights={str(result.path)!r})\n"
+    )
+    return 0
+
+
+def _bench_clear(args) -> int:
+    from .bench import clear
+
+    try:
+        path = clear.run(
+            args.resolution or clear.DEFAULT,
+            device=args.device,
+            out=args.out,
+            overwrite=args.overwrite,
+            repeats=args.repeats,
+            steps=args.steps,
+        )
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack bench clear: {error}\n")
+        return 2
+    result = json.loads(path.read_text())
+    lines = [f"{'resolution':<12} {'implementation':<28} {'ms':>10} {'TFLOP/s':>9}"]
+    for record in result["resolutions"]:
+        for row in record["op"]["rows"]:
+            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
+            tflops = f"{row['tflops']:.1f}" if "tflops" in row else row.get("skipped", "")
+            lines.append(f"{record['resolution']:<12} {row['implementation']:<28} {ms:>10} {tflops:>9}")
+        if "step" in record:
+            step = record["step"]
+            lines.append(
+                f"{record['resolution']:<12} {'transformer step':<28} dense {step['dense_s']:.3f} s, "
+                f"clear {step['clear_s']:.3f} s: {step['speedup']:.2f}x"
+            )
+    lines.append(f"wrote {path} and {path.with_suffix('.png')}")
+    sys.stdout.write("\n".join(lines) + "\n")
+    return 0
 
 
 def _bench_radial(args) -> int:

@@ -94,6 +94,8 @@ class AttentionSite:
     """One attention module of an attached denoiser: its family adapter, role and position."""
 
     name: str  # module path inside the pipeline, e.g. "transformer.transformer_blocks.0.attn"
+    local_name: str  # module path inside its denoiser, e.g. "transformer_blocks.0.attn"
+    denoiser: str  # attribute of the denoiser in the pipeline: "transformer", "transformer_2", "unet"
     family: Family
     adapter: Adapter
     role: Role

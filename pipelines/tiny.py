@@ -299,6 +299,65 @@ def build_flux(seed: int = 0):
     )
 
 
+def build_sd3(seed: int = 0):
+    """SD 3.5's layout: QK norms, and a dual-attention first block (a second, image-only self-attention)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    transformer = _seeded(
+        seed,
+        lambda: SD3Transformer2DModel(
+            sample_size=32,
+            patch_size=2,
+            in_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            caption_projection_dim=32,
+            joint_attention_dim=32,
+            pooled_projection_dim=64,
+            out_channels=4,
+            qk_norm="rms_norm",
+            dual_attention_layers=(0,),
+        ),
+    )
+    vae = _seeded(
+        seed,
+        lambda: AutoencoderKL(
+            sample_size=32,
+            in_channels=3,
+            out_channels=3,
+            block_out_channels=(4,),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=1,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+        ),
+    )
+    return _finish(
+        StableDiffusion3Pipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=_seeded(seed, lambda: clip_text_encoder(32, projection=True, projection_dim=32)),
+            tokenizer=clip_tokenizer(),
+            text_encoder_2=_seeded(
+                seed + 1, lambda: clip_text_encoder(32, projection=True, projection_dim=32)
+            ),
+            tokenizer_2=clip_tokenizer(),
+            text_encoder_3=_seeded(seed, lambda: t5_text_encoder(32)),
+            tokenizer_3=t5_tokenizer(),
+            transformer=transformer,
+        )
+    )
+
+
 def _wan_vae():
     from diffusers import AutoencoderKLWan
 
@@ -542,6 +601,13 @@ TINY_PIPELINES: dict[str, TinyPipeline] = {
             "FLUX.1 layout: double- and single-stream blocks",
             build_flux,
             dict(height=16, width=24, num_inference_steps=2, guidance_scale=3.5, max_sequence_length=16),
+        ),
+        TinyPipeline(
+            "tiny-sd3",
+            "sd3",
+            "Stable Diffusion 3.5 layout: joint attention, QK norms, a dual-attention block",
+            build_sd3,
+            dict(height=32, width=48, num_inference_steps=2, guidance_scale=5.0, max_sequence_length=16),
         ),
         TinyPipeline(
             "tiny-wan-t2v",

@@ -81,3 +81,20 @@ def test_radial_benchmark_on_the_smoke_models(tmp_path):
     assert result["models"][1]["settings"]["sink"] is False  # the HunyuanVideo preset
     with pytest.raises(ValueError, match="Use --model tiny tiny-hunyuan"):
         radial.run(["wan2.1-14b-720p-81f"], device="cpu", out=tmp_path)
+
+
+def test_clear_benchmark_on_the_smoke_resolution(tmp_path):
+    from attnpack.bench import clear
+
+    path = clear.run(["tiny"], device="cpu", out=tmp_path, rep_ms=5, repeats=1)
+    result = json.loads(path.read_text())
+    (record,) = result["resolutions"]
+    rows = {row["implementation"]: row for row in record["op"]["rows"]}
+    assert {"sdpa-math", "flex-raster (CLEAR's mask)", "flex-tiled", "attnpack-clear"} <= set(rows)
+    needed = record["op"]["element_density"]
+    assert 0 < needed <= rows["attnpack-clear"]["block_density"] <= 1
+    assert needed <= rows["flex-raster (CLEAR's mask)"]["block_density"] <= 1
+    assert record["step"]["dense_s"] > 0 and record["step"]["clear_s"] > 0
+    assert path.with_suffix(".png").exists()
+    with pytest.raises(ValueError, match="Use --resolution tiny"):
+        clear.run(["flux-4096"], device="cpu", out=tmp_path)

@@ -73,3 +73,20 @@ def test_pattern_radial_prints_densities_and_draws(tmp_path, capsys):
     assert "pass --overwrite" in capsys.readouterr().err
     assert main(["pattern", "radial", "--frames", "4", "--frame-shape", "8", "8", "--variant", "raster"]) == 2
     assert "variant='raster'" in capsys.readouterr().err
+
+
+def test_distill_clear_command(tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), (90, 120, 200)).save(tmp_path / "one.png")
+    out = tmp_path / "weights.safetensors"
+    arguments = ["distill", "clear", "--model", "tiny-flux", "--images", str(tmp_path), "--out", str(out)]
+    assert main([*arguments, "--steps", "2", "--resolution", "32", "--radius", "2"]) == 0
+    assert "loss" in capsys.readouterr().out and out.exists()
+    assert main([*arguments, "--steps", "2"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert (
+        main(["distill", "clear", "--model", "nobody/no-such-flux", "--images", str(tmp_path), "--out", "x"])
+        == 2
+    )
+    assert "could not load the FLUX pipeline 'nobody/no-such-flux'" in capsys.readouterr().err

@@ -202,3 +202,13 @@ def test_two_denoisers_share_one_context():
     experts = {expert for expert, _ in used}
     assert experts == {"transformer", "transformer_2"}, used  # boundary 0.9: the first step is high-noise
     assert sorted({step for _, step in used}) == [0, 1, 2]
+
+
+def test_sd3_image_first_and_dual_attention():
+    # 32 x 48 px, VAE factor 1, patch 2: 16 x 24 tokens; text: 77 CLIP + 16 T5 tokens
+    _, seen = record("tiny-sd3")
+    found = layouts_by_role(seen)
+    assert found[Role.JOINT] == {
+        TokenLayout(Role.JOINT, 384 + 93, 384 + 93, grid=(16, 24), text_len=93, text_first=False)
+    }
+    assert found[Role.SELF] == {TokenLayout(Role.SELF, 384, 384, grid=(16, 24))}

@@ -35,6 +35,7 @@ from ..patterns import (
     tile_order,
 )
 from .report import median_ms, plot_speedups, write_json
+from .runners import flex_runner, sdpa_runner
 
 logger = logging.getLogger("attnpack")
 
@@ -133,22 +134,6 @@ def sparse_pattern(geometry: Geometry, device: torch.device) -> BlockSparsePatte
     )
 
 
-def _sdpa(backend_name: str):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}.get(
-        backend_name, SDPBackend.EFFICIENT_ATTENTION if backend_name == "efficient" else SDPBackend.MATH
-    )
-
-    def run(q, k, v):
-        with sdpa_kernel([backend]):
-            return torch.nn.functional.scaled_dot_product_attention(
-                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            ).transpose(1, 2)
-
-    return run
-
-
 def run_geometry(
     geometry: Geometry, device: torch.device, dtype: torch.dtype, warmup_ms: float, rep_ms: float
 ):
@@ -166,7 +151,7 @@ def run_geometry(
 
     backend = "triton" if cuda else "reference"
     candidates: list[tuple[str, str, Any, float]] = [  # (implementation, kind, callable, flops)
-        (f"sdpa-{name}", "sdpa", partial(_sdpa(name), q, k, v), dense_flops)
+        (f"sdpa-{name}", "sdpa", partial(sdpa_runner(name), q, k, v), dense_flops)
         for name in (("flash", "cudnn", "efficient") if cuda else ("math",))
     ]
     with contextlib.suppress(ImportError):
@@ -179,7 +164,7 @@ def run_geometry(
     candidates += [
         ("attnpack-dense", "dense", partial(attend, dense_pattern), dense_flops),
         ("attnpack-sparse", "sparse", partial(attend, pattern), sparse_flops),
-        ("flex-sparse", "sparse", _flex_runner(q, k, v, pattern), sparse_flops),
+        ("flex-sparse", "sparse", flex_runner(q, k, v, pattern), sparse_flops),
     ]
 
     rows = []
@@ -223,23 +208,6 @@ def run_geometry(
         "rows": rows,
         "summary": summarize(rows, pattern.block_density),
     }
-
-
-def _flex_runner(q, k, v, pattern):
-    """FlexAttention on inputs already in the pattern's order: its kernel alone, with the same block mask."""
-    try:
-        from ..kernels.block_sparse_attention.flex import _compiled, block_mask
-        from ..patterns import tile
-    except ImportError:
-        return None
-    if not q.is_cuda:
-        from torch.nn.attention.flex_attention import flex_attention as run
-    else:
-        run = _compiled()
-    mask = block_mask(pattern, q.shape[2])
-    qt = tile(q, pattern.q_order).transpose(1, 2)
-    kt, vt = (tile(x, pattern.kv_order).transpose(1, 2) for x in (k, v))
-    return lambda: run(qt, kt, vt, block_mask=mask)
 
 
 def summarize(rows: list[dict], block_density: float) -> dict[str, Any]:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import torch
 
-from . import cogvideox, flux, hunyuan_video, unet, wan
+from . import cogvideox, flux, hunyuan_video, sd3, unet, wan
 from .base import Adapter, AttnCall, Family
 
 FAMILIES: dict[str, Family] = {
     family.name: family
-    for family in (unet.FAMILY, flux.FAMILY, wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY)
+    for family in (unet.FAMILY, flux.FAMILY, sd3.FAMILY, wan.FAMILY, cogvideox.FAMILY, hunyuan_video.FAMILY)
 }
 
 # Attention module classes that belong to one family whatever the model around them, so a processor can

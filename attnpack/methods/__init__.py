@@ -6,10 +6,13 @@ import dataclasses
 from typing import Any
 
 from .base import AttentionMethod, check_choice, check_number
+from .clear import ClearAttention
 from .dense import DenseAttention
 from .radial import RadialAttention
 
-METHODS: dict[str, type[AttentionMethod]] = {cls.name: cls for cls in (DenseAttention, RadialAttention)}
+METHODS: dict[str, type[AttentionMethod]] = {
+    cls.name: cls for cls in (DenseAttention, RadialAttention, ClearAttention)
+}
 
 
 def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod:
@@ -44,6 +47,7 @@ def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod
 __all__ = [
     "METHODS",
     "AttentionMethod",
+    "ClearAttention",
     "DenseAttention",
     "RadialAttention",
     "check_choice",

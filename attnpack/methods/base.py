@@ -72,6 +72,17 @@ class AttentionMethod:
         """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
 
+    def processor_for(self, module: torch.nn.Module, site) -> Any:
+        """What `attnpack.apply` installs on one attention module: the method itself, or a per-layer
+        processor for methods with weights of their own per layer."""
+        return self
+
+    def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]) -> Any:
+        """Model-level changes `attnpack.apply` makes beside the processors (loading weights, adjusting a
+        rotary embedding). `processors` maps each target module to what will be installed on it,
+        `denoisers` the pipeline's denoisers by attribute. Returns a callable that undoes them, or None."""
+        return None
+
     def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention of the call's queries to one extra context (Wan I2V's image tokens): dense by default."""
         return dense_attention(call.query, key, value, scale=call.scale)

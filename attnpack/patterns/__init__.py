@@ -9,6 +9,7 @@ from .block_sparse import (
     block_counts,
     default_blocks,
 )
+from .clear import clear_window
 from .radial import radial
 from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
 
@@ -19,6 +20,7 @@ __all__ = [
     "Metric",
     "TokenTable",
     "block_counts",
+    "clear_window",
     "concat_orders",
     "default_blocks",
     "grid_coordinates",

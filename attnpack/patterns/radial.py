@@ -25,7 +25,7 @@ import math
 import torch
 
 from .block_sparse import BlockSparsePattern, ElementRule, Metric, TokenTable, default_blocks
-from .tiling import concat_orders, grid_coordinates, identity_order, tile_order
+from .tiling import block_tile, concat_orders, grid_coordinates, identity_order, tile_order
 
 VARIANTS = ("official", "spatial")
 
@@ -170,7 +170,7 @@ def _spatial(
     video = num_frames * tokens_per_frame
     video_start, text_start = (text_tokens, 0) if text_first else (0, video)
     grid = (num_frames, *frame_shape)
-    tile = (1, *_tile_for(frame_shape, blocks[0]))
+    tile = (1, *block_tile(frame_shape, blocks[0]))
     video_order = tile_order(grid, tile, offset=video_start)
     text_order = identity_order(text_tokens, offset=text_start)
     order = concat_orders(text_order, video_order) if text_first else concat_orders(video_order, text_order)
@@ -205,12 +205,3 @@ def _spatial(
     return BlockSparsePattern.from_rule(
         rule, tokens, tokens, block_q=blocks[0], block_kv=blocks[1], q_order=order, kv_order=order
     )
-
-
-def _tile_for(frame_shape: tuple[int, int], block: int) -> tuple[int, int]:
-    """A tile of `block` tokens, as square as powers of two allow, no larger than the frame."""
-    height, width = frame_shape
-    tile_h = 1
-    while tile_h * 2 <= height and (block // (tile_h * 2)) >= tile_h * 2:
-        tile_h *= 2
-    return tile_h, max(1, min(width, block // tile_h))

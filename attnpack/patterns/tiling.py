@@ -35,6 +35,16 @@ def tile_order(grid: tuple[int, ...], tile: tuple[int, ...], *, offset: int = 0)
     return raster.flatten()[key.flatten().argsort()] + offset
 
 
+def block_tile(grid: tuple[int, int], block: int) -> tuple[int, int]:
+    """The (rows, columns) tile of `block` tokens closest to a square, in powers of two (8 x 16 for 128, 8 x 8
+    for 64), cut to the grid: a query block that is a compact patch of the image."""
+    rows = 1
+    while (rows * 2) ** 2 <= block:
+        rows *= 2
+    rows = min(rows, grid[0])
+    return rows, max(1, min(grid[1], block // rows))
+
+
 def concat_orders(*orders: torch.Tensor) -> torch.Tensor:
     """Orders of consecutive spans of one sequence, joined (each already offset to its span)."""
     return torch.cat([order.to(torch.int64) for order in orders])

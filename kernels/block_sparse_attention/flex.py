@@ -84,7 +84,7 @@ def block_mask(pattern, num_heads: int, key_padding: torch.Tensor | None = None)
 
 
 @functools.cache
-def _compiled():
+def compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
     return torch.compile(flex_attention, dynamic=False)
@@ -100,7 +100,7 @@ def flex_block_sparse_attention(q, k, v, pattern, scale: float, mask=None, key_p
         q = tile(q, pattern.q_order)
     if pattern.kv_order is not None:
         k, v = tile(k, pattern.kv_order), tile(v, pattern.kv_order)
-    run = _compiled() if q.is_cuda else flex_attention
+    run = compiled_flex_attention() if q.is_cuda else flex_attention
     out, lse = run(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=mask, scale=scale, return_lse=True
     )
