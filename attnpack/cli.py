@@ -82,7 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels = bench_commands.add_parser(
         "kernels", help="block-sparse attention against SDPA, FlexAttention, xformers"
     )
-    kernels.add_argument("--geometry", nargs="+", metavar="NAME", help="default: every real-model geometry")
+    kernels.add_argument(
+        "--geometry", dest="names", nargs="+", metavar="NAME", help="default: every real-model geometry"
+    )
     kernels.add_argument("--dtype", default="bfloat16", help="bfloat16 (default) or float16")
     kernels.add_argument("--device", help="cuda (default when present) or cpu (the tiny geometry only)")
     kernels.add_argument(
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     kernels.add_argument("--warmup-ms", type=float, default=25.0)
     kernels.add_argument("--rep-ms", type=float, default=100.0)
     radial_bench = bench_commands.add_parser("radial", help="one transformer forward: dense against radial")
-    radial_bench.add_argument("--model", nargs="+", metavar="NAME", help="default: every full-size model")
+    radial_bench.add_argument(
+        "--model", dest="names", nargs="+", metavar="NAME", help="default: every full-size model"
+    )
     radial_bench.add_argument("--device", help="cuda (default when present) or cpu (the tiny model only)")
     radial_bench.add_argument(
         "--out", help="JSON path or folder (default benchmarks/results/radial-<device>.json)"
@@ -157,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
         return 0
     if args.command == "bench":
-        return {"kernels": _bench_kernels, "radial": _bench_radial, "clear": _bench_clear}[args.suite](args)
+        return _bench(args)
     parser.print_help()
     return 2
 
@@ -211,67 +215,6 @@ def _distill_clear(args) -> int:
     return 0
 
 
-def _bench_clear(args) -> int:
-    from .bench import clear
-
-    try:
-        path = clear.run(
-            args.resolution or clear.DEFAULT,
-            device=args.device,
-            out=args.out,
-            overwrite=args.overwrite,
-            repeats=args.repeats,
-            steps=args.steps,
-        )
-    except (ValueError, FileExistsError) as error:
-        sys.stderr.write(f"attnpack bench clear: {error}\n")
-        return 2
-    result = json.loads(path.read_text())
-    lines = [f"{'resolution':<12} {'implementation':<28} {'ms':>10} {'TFLOP/s':>9}"]
-    for record in result["resolutions"]:
-        for row in record["op"]["rows"]:
-            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
-            tflops = f"{row['tflops']:.1f}" if "tflops" in row else row.get("skipped", "")
-            lines.append(f"{record['resolution']:<12} {row['implementation']:<28} {ms:>10} {tflops:>9}")
-        if "step" in record:
-            step = record["step"]
-            lines.append(
-                f"{record['resolution']:<12} {'transformer step':<28} dense {step['dense_s']:.3f} s, "
-                f"clear {step['clear_s']:.3f} s: {step['speedup']:.2f}x"
-            )
-    lines.append(f"wrote {path} and {path.with_suffix('.png')}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
-
-
-def _bench_radial(args) -> int:
-    from .bench import radial
-
-    try:
-        path = radial.run(
-            args.model or radial.DEFAULT_MODELS,
-            device=args.device,
-            out=args.out,
-            overwrite=args.overwrite,
-            repeats=args.repeats,
-        )
-    except (ValueError, FileExistsError) as error:
-        sys.stderr.write(f"attnpack bench radial: {error}\n")
-        return 2
-    result = json.loads(path.read_text())
-    lines = [f"{'model':<24} {'dense s':>9} {'sparse s':>9} {'step s':>9} {'all-sparse':>11} {'50 steps':>9}"]
-    for record in result["models"]:
-        seconds = record["seconds"]
-        lines.append(
-            f"{record['model']:<24} {seconds['dense']:>9.3f} {seconds['radial_all_sparse']:>9.3f} "
-            f"{seconds['radial_sparse_step']:>9.3f} {record['speedup_all_sparse']:>10.2f}x "
-            f"{record['speedup_50_steps']:>8.2f}x"
-        )
-    lines.append(f"wrote {path} and {path.with_suffix('.png')}")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
-
-
 def _pattern(args) -> int:
     from .bench.report import write_atomically
     from .patterns import radial
@@ -307,32 +250,19 @@ def _pattern(args) -> int:
     return 0
 
 
-def _bench_kernels(args) -> int:
-    from .bench import kernels
+def _bench(args) -> int:
+    import importlib
 
+    suite = importlib.import_module(f".bench.{args.suite}", "attnpack")
+    options = {name: getattr(args, name) for name in suite.OPTIONS}
     try:
-        path = kernels.run(
-            args.geometry or kernels.DEFAULT_GEOMETRIES,
-            device=args.device,
-            dtype=args.dtype,
-            out=args.out,
-            overwrite=args.overwrite,
-            warmup_ms=args.warmup_ms,
-            rep_ms=args.rep_ms,
+        path = suite.run(
+            args.names or suite.DEFAULT, device=args.device, out=args.out, overwrite=args.overwrite, **options
         )
     except (ValueError, FileExistsError) as error:
-        sys.stderr.write(f"attnpack bench kernels: {error}\n")
+        sys.stderr.write(f"attnpack bench {args.suite}: {error}\n")
         return 2
-    result = json.loads(path.read_text())
-    lines = [f"{'geometry':<24} {'implementation':<16} {'ms':>10} {'TFLOP/s':>9}  note"]
-    for record in result["geometries"]:
-        for row in record["rows"]:
-            note = row.get("skipped", "")
-            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
-            tflops = f"{row['tflops']:.1f}" if "tflops" in row else "-"
-            lines.append(f"{record['geometry']:<24} {row['implementation']:<16} {ms:>10} {tflops:>9}  {note}")
-        summary = ", ".join(f"{k}={v}" for k, v in record["summary"].items())
-        lines.append(f"{'':<24} {summary}")
+    lines = suite.table(json.loads(path.read_text()))
     lines.append(f"wrote {path} and {path.with_suffix('.png')}")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0

@@ -253,8 +253,27 @@ def build_animatediff(seed: int = 0):
     )
 
 
+def _single_level_vae(latent_channels: int):
+    """FLUX's / SD 3's VAE layout with one level: no downsampling, so tiny latents stay image-sized."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        sample_size=32,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(4,),
+        layers_per_block=1,
+        latent_channels=latent_channels,
+        norm_num_groups=1,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        shift_factor=0.0609,
+        scaling_factor=1.5035,
+    )
+
+
 def build_flux(seed: int = 0):
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     transformer = _seeded(
         seed,
@@ -270,22 +289,7 @@ def build_flux(seed: int = 0):
             axes_dims_rope=[4, 4, 8],
         ),
     )
-    vae = _seeded(
-        seed,
-        lambda: AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=1,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-    )
+    vae = _seeded(seed, lambda: _single_level_vae(latent_channels=1))
     return _finish(
         FluxPipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),
@@ -302,7 +306,6 @@ def build_flux(seed: int = 0):
 def build_sd3(seed: int = 0):
     """SD 3.5's layout: QK norms, and a dual-attention first block (a second, image-only self-attention)."""
     from diffusers import (
-        AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
@@ -325,22 +328,7 @@ def build_sd3(seed: int = 0):
             dual_attention_layers=(0,),
         ),
     )
-    vae = _seeded(
-        seed,
-        lambda: AutoencoderKL(
-            sample_size=32,
-            in_channels=3,
-            out_channels=3,
-            block_out_channels=(4,),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=1,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            shift_factor=0.0609,
-            scaling_factor=1.5035,
-        ),
-    )
+    vae = _seeded(seed, lambda: _single_level_vae(latent_channels=4))
     return _finish(
         StableDiffusion3Pipeline(
             scheduler=FlowMatchEulerDiscreteScheduler(),

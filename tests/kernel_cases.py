@@ -118,3 +118,21 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+
+
+def assert_triton_matches_reference(pattern, tolerance: float = 1e-5, **options):
+    """Output and q / k / v gradients of the Triton kernel against the reference, on random inputs."""
+    from attnpack.kernels import block_sparse_attention
+
+    q, k, v = inputs(pattern, batch=options.get("key_padding", torch.empty(1, 0)).shape[0])
+    grad = torch.randn_like(q)
+    results = []
+    for backend in ("triton", "reference"):
+        out = block_sparse_attention(q, k, v, pattern, backend=backend, **options)
+        out.backward(grad)
+        results.append([out.detach(), *(x.grad.clone() for x in (q, k, v))])
+        for x in (q, k, v):
+            x.grad = None
+    for name, got, expected in zip(("out", "dq", "dk", "dv"), *results, strict=True):
+        assert relative_error(got, expected) < tolerance, name
+    return results[0]

@@ -119,28 +119,17 @@ def test_gpu_real_blocks(head_dim):
 
 def test_key_padding():
     """Per-batch padded keys (HunyuanVideo's text) are masked on top of the pattern, in one call."""
-    from kernel_cases import disc2d
+    from kernel_cases import assert_triton_matches_reference, disc2d
 
     pattern = disc2d()
-    q, k, v = inputs(pattern, batch=2)
     key_padding = torch.ones(2, pattern.kv_len, dtype=torch.bool)
     key_padding[0, 2:5] = False  # text tokens 2..4 of the first prompt are padding
     key_padding[1, 40:] = False
-    grad = torch.randn_like(q)
-    results = []
-    for backend in ("triton", "reference"):
-        out = block_sparse_attention(q, k, v, pattern, key_padding=key_padding, backend=backend)
-        out.backward(grad)
-        results.append((out.detach(), *(x.grad.clone() for x in (q, k, v))))
-        for x in (q, k, v):
-            x.grad = None
-    for got, expected in zip(*results, strict=True):
-        assert relative_error(got, expected) < 1e-5
-    dk = results[0][2]
+    _, _, dk, _ = assert_triton_matches_reference(pattern, key_padding=key_padding)
     assert torch.all(dk[0, 2:5] == 0) and torch.all(dk[1, 40:] == 0)  # padding keys get zero gradients
-    flex = block_sparse_attention(
-        q.detach(), k.detach(), v.detach(), pattern, key_padding=key_padding, backend="flex"
-    )
-    assert relative_error(flex, results[1][0]) < 1e-5
+    q, k, v = (x.detach() for x in inputs(pattern, batch=2))
+    reference = block_sparse_attention(q, k, v, pattern, key_padding=key_padding, backend="reference")
+    flex = block_sparse_attention(q, k, v, pattern, key_padding=key_padding, backend="flex")
+    assert relative_error(flex, reference) < 1e-5
     with pytest.raises(ValueError, match=r"key_padding must be a bool tensor of shape \(B, Sk\)"):
         block_sparse_attention(q, k, v, pattern, key_padding=key_padding[:, :-1])

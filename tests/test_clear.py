@@ -3,12 +3,11 @@
 import pytest
 import torch
 from helpers import max_diff, run_tiny, tiny_pipeline
-from kernel_cases import inputs, relative_error
+from kernel_cases import assert_triton_matches_reference
 from safetensors.torch import save_file
 
 import attnpack
 from attnpack import ClearAttention
-from attnpack.kernels import block_sparse_attention
 from attnpack.methods.clear import released_file
 from attnpack.patterns import clear_window
 
@@ -61,17 +60,7 @@ def test_text_last_layout():
 @pytest.mark.parametrize("down_factor", [None, 4])
 def test_kernel_on_clear_patterns(down_factor):
     pattern = clear_window((8, 16), 3, text_tokens=9, down_factor=down_factor, tile=(2, 8), blocks=(16, 16))
-    q, k, v = inputs(pattern)
-    grad = torch.randn_like(q)
-    results = []
-    for backend in ("triton", "reference"):
-        out = block_sparse_attention(q, k, v, pattern, backend=backend)
-        out.backward(grad)
-        results.append([out.detach(), *(x.grad.clone() for x in (q, k, v))])
-        for x in (q, k, v):
-            x.grad = None
-    for got, expected in zip(*results, strict=True):
-        assert relative_error(got, expected) < 1e-5
+    assert_triton_matches_reference(pattern)
 
 
 @pytest.mark.parametrize(

@@ -13,14 +13,21 @@ def test_info_text(capsys):
     for expected in ("attnpack 0.1.0", "torch", "diffusers", "device:", "kernel backends:", "sdpa", "triton"):
         assert expected in out
     assert "dense      DenseAttention" in out
-    assert "families: unet, flux, wan, cogvideox, hunyuan_video" in out
+    assert "families: unet, flux, sd3, wan, cogvideox, hunyuan_video" in out
     assert "FLUX.1 (FluxTransformer2DModel)" in out
 
 
 def test_info_json(capsys):
     assert main(["info", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert report["methods"]["dense"]["families"] == ["unet", "flux", "wan", "cogvideox", "hunyuan_video"]
+    assert report["methods"]["dense"]["families"] == [
+        "unet",
+        "flux",
+        "sd3",
+        "wan",
+        "cogvideox",
+        "hunyuan_video",
+    ]
     assert report["versions"]["diffusers"]
     assert report["device"]["type"] in ("cpu", "cuda")
     assert {backend["name"] for backend in report["backends"]} >= {"sdpa", "triton"}

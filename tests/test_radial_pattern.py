@@ -5,9 +5,8 @@ import math
 
 import pytest
 import torch
-from kernel_cases import inputs, relative_error
+from kernel_cases import assert_triton_matches_reference
 
-from attnpack.kernels import block_sparse_attention
 from attnpack.patterns import radial
 from attnpack.patterns.radial import frame_budget
 
@@ -126,17 +125,7 @@ def test_kernel_on_radial_patterns(variant):
     pattern = radial(
         5, (6, 8), decay_factor=0.3, text_tokens=10, variant=variant, block_size=16, blocks=(16, 16)
     )
-    q, k, v = inputs(pattern)
-    grad = torch.randn_like(q)
-    results = []
-    for backend in ("triton", "reference"):
-        out = block_sparse_attention(q, k, v, pattern, backend=backend)
-        out.backward(grad)
-        results.append([out.detach(), *(x.grad.clone() for x in (q, k, v))])
-        for x in (q, k, v):
-            x.grad = None
-    for got, expected in zip(*results, strict=True):
-        assert relative_error(got, expected) < 1e-5
+    assert_triton_matches_reference(pattern)
 
 
 @pytest.mark.parametrize(

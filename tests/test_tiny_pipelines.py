@@ -34,7 +34,7 @@ def test_save_and_load_with_from_pretrained(tmp_path, name):
 
 
 def test_unknown_name():
-    with pytest.raises(ValueError, match=r"name='tiny-sd3' is not a tiny pipeline; accepted: tiny-sd1.5"):
-        build_tiny_pipeline("tiny-sd3")
+    with pytest.raises(ValueError, match=r"name='tiny-sd4' is not a tiny pipeline; accepted: tiny-sd1.5"):
+        build_tiny_pipeline("tiny-sd4")
     with pytest.raises(ValueError, match=r"name='flux' is not a tiny pipeline"):
         tiny_call_kwargs("flux")

@@ -22,10 +22,10 @@ from typing import Any
 import torch
 
 from ..api import apply
-from ..environment import device_info, device_slug, versions
+from ..environment import versions
 from ..kernels import block_sparse_attention
 from ..patterns import clear_window
-from .report import median_ms, plot_speedups, write_json
+from .report import median_ms, plot_speedups, prepare_run, write_json
 from .runners import flex_runner, sdpa_runner
 
 logger = logging.getLogger("attnpack")
@@ -80,6 +80,7 @@ RESOLUTIONS = {
 }
 SMOKE = ("tiny",)
 DEFAULT = [name for name in RESOLUTIONS if name not in SMOKE]
+OPTIONS = ("repeats", "steps")  # what the command line passes to run() besides the common ones
 
 
 def time_op(
@@ -198,23 +199,9 @@ def run(
     steps: bool = True,
 ) -> Path:
     """Run the CLEAR benchmark and write JSON + PNG; returns the JSON's path."""
-    unknown = [name for name in resolutions if name not in RESOLUTIONS]
-    if unknown:
-        raise ValueError(
-            f"resolution {', '.join(map(repr, unknown))} is not known; accepted: {', '.join(RESOLUTIONS)}"
-        )
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and any(name not in SMOKE for name in resolutions):
-        raise ValueError(
-            f"bench clear times FLUX resolutions on a CUDA GPU; this machine runs on {device.type}. "
-            "Use --resolution tiny to check the benchmark itself on a CPU."
-        )
-    info = device_info(device)
-    out = Path(out) if out is not None else Path("benchmarks/results") / f"clear-{device_slug(info)}.json"
-    if out.suffix != ".json":
-        out = out / f"clear-{device_slug(info)}.json"
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    device, info, out = prepare_run(
+        "clear", resolutions, RESOLUTIONS, SMOKE, "resolution", device, out, overwrite
+    )
 
     from tqdm.auto import tqdm
 
@@ -266,3 +253,20 @@ def run(
         xlabel="speedup over dense attention (best SDPA backend; higher is better)",
     )
     return out
+
+
+def table(result: dict) -> list[str]:
+    """The command line's summary of a result file."""
+    lines = [f"{'resolution':<12} {'implementation':<28} {'ms':>10} {'TFLOP/s':>9}"]
+    for record in result["resolutions"]:
+        for row in record["op"]["rows"]:
+            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
+            tflops = f"{row['tflops']:.1f}" if "tflops" in row else row.get("skipped", "")
+            lines.append(f"{record['resolution']:<12} {row['implementation']:<28} {ms:>10} {tflops:>9}")
+        if "step" in record:
+            step = record["step"]
+            lines.append(
+                f"{record['resolution']:<12} {'transformer step':<28} dense {step['dense_s']:.3f} s, "
+                f"clear {step['clear_s']:.3f} s: {step['speedup']:.2f}x"
+            )
+    return lines

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from ..environment import device_info, device_slug, versions
+from ..environment import versions
 from ..kernels import block_sparse_attention
 from ..patterns import (
     BlockSparsePattern,
@@ -34,7 +34,7 @@ from ..patterns import (
     identity_order,
     tile_order,
 )
-from .report import median_ms, plot_speedups, write_json
+from .report import median_ms, plot_speedups, prepare_run, write_json
 from .runners import flex_runner, sdpa_runner
 
 logger = logging.getLogger("attnpack")
@@ -93,7 +93,8 @@ GEOMETRIES = {
         ),
     )
 }
-DEFAULT_GEOMETRIES = [name for name in GEOMETRIES if name != "tiny"]
+DEFAULT = [name for name in GEOMETRIES if name != "tiny"]
+OPTIONS = ("dtype", "warmup_ms", "rep_ms")  # what the command line passes to run() besides the common ones
 
 
 def sparse_pattern(geometry: Geometry, device: torch.device) -> BlockSparsePattern:
@@ -240,26 +241,12 @@ def run(
     rep_ms: float = 100,
 ) -> Path:
     """Run the kernel benchmark and write JSON + PNG; returns the JSON's path."""
-    unknown = [name for name in geometries if name not in GEOMETRIES]
-    if unknown:
-        raise ValueError(
-            f"geometry {', '.join(map(repr, unknown))} is not known; accepted: {', '.join(GEOMETRIES)}"
-        )
+    device, info, out = prepare_run(
+        "kernels", geometries, GEOMETRIES, ("tiny",), "geometry", device, out, overwrite
+    )
     dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype={dtype!r} is not accepted; choose one of {', '.join(dtypes)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and any(name != "tiny" for name in geometries):
-        raise ValueError(
-            f"bench kernels times real geometries on a CUDA GPU; this machine runs on {device.type}. "
-            "Use --geometry tiny to check the benchmark itself on a CPU."
-        )
-    info = device_info(device)
-    out = Path(out) if out is not None else Path("benchmarks/results") / f"kernels-{device_slug(info)}.json"
-    if out.suffix != ".json":
-        out = out / f"kernels-{device_slug(info)}.json"
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
 
     from tqdm.auto import tqdm
 
@@ -303,3 +290,17 @@ def run(
         overwrite,
     )
     return out
+
+
+def table(result: dict) -> list[str]:
+    """The command line's summary of a result file."""
+    lines = [f"{'geometry':<24} {'implementation':<16} {'ms':>10} {'TFLOP/s':>9}  note"]
+    for record in result["geometries"]:
+        for row in record["rows"]:
+            ms = f"{row['ms']:.3f}" if "ms" in row else "-"
+            tflops = f"{row['tflops']:.1f}" if "tflops" in row else "-"
+            lines.append(
+                f"{record['geometry']:<24} {row['implementation']:<16} {ms:>10} {tflops:>9}  {row.get('skipped', '')}"
+            )
+        lines.append(f"{'':<24} " + ", ".join(f"{k}={v}" for k, v in record["summary"].items()))
+    return lines

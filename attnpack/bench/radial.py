@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from ..api import apply
-from ..environment import device_info, device_slug, versions
+from ..environment import versions
 from ..methods.radial import PRESETS
-from .report import plot_speedups, write_json
+from .report import plot_speedups, prepare_run, write_json
 
 logger = logging.getLogger("attnpack")
 
@@ -132,7 +132,8 @@ MODELS = {
     )
 }
 SMOKE_MODELS = ("tiny", "tiny-hunyuan")
-DEFAULT_MODELS = [name for name in MODELS if name not in SMOKE_MODELS]
+DEFAULT = [name for name in MODELS if name not in SMOKE_MODELS]
+OPTIONS = ("repeats",)  # what the command line passes to run() besides the common ones
 STEPS = 50
 
 
@@ -233,21 +234,7 @@ def run(
     repeats: int = 3,
 ) -> Path:
     """Run the radial benchmark and write JSON + PNG; returns the JSON's path."""
-    unknown = [name for name in models if name not in MODELS]
-    if unknown:
-        raise ValueError(f"model {', '.join(map(repr, unknown))} is not known; accepted: {', '.join(MODELS)}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type != "cuda" and any(name not in SMOKE_MODELS for name in models):
-        raise ValueError(
-            f"bench radial times full-size models on a CUDA GPU; this machine runs on {device.type}. "
-            "Use --model tiny tiny-hunyuan to check the benchmark itself on a CPU."
-        )
-    info = device_info(device)
-    out = Path(out) if out is not None else Path("benchmarks/results") / f"radial-{device_slug(info)}.json"
-    if out.suffix != ".json":
-        out = out / f"radial-{device_slug(info)}.json"
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    device, info, out = prepare_run("radial", models, MODELS, SMOKE_MODELS, "model", device, out, overwrite)
 
     from tqdm.auto import tqdm
 
@@ -282,3 +269,16 @@ def run(
         xlabel="speedup over dense attention (higher is better)",
     )
     return out
+
+
+def table(result: dict) -> list[str]:
+    """The command line's summary of a result file."""
+    lines = [f"{'model':<24} {'dense s':>9} {'sparse s':>9} {'step s':>9} {'all-sparse':>11} {'50 steps':>9}"]
+    for record in result["models"]:
+        seconds = record["seconds"]
+        lines.append(
+            f"{record['model']:<24} {seconds['dense']:>9.3f} {seconds['radial_all_sparse']:>9.3f} "
+            f"{seconds['radial_sparse_step']:>9.3f} {record['speedup_all_sparse']:>10.2f}x "
+            f"{record[f'speedup_{STEPS}_steps']:>8.2f}x"
+        )
+    return lines

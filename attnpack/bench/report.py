@@ -33,6 +33,32 @@ def median_ms(
     return statistics.median(times)
 
 
+def prepare_run(
+    suite: str, names: list[str], known, smoke: tuple[str, ...], flag: str, device, out, overwrite: bool
+) -> tuple[torch.device, dict[str, Any], Path]:
+    """What every benchmark checks before it starts: known names, a GPU for the real sizes, a result path
+    that will not overwrite anything unasked. Returns (device, device info, JSON path)."""
+    from ..environment import device_info, device_slug
+
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        raise ValueError(f"{flag} {', '.join(map(repr, unknown))} is not known; accepted: {', '.join(known)}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and any(name not in smoke for name in names):
+        raise ValueError(
+            f"bench {suite} times real sizes on a CUDA GPU; this machine runs on {device.type}. "
+            f"Use --{flag} {' '.join(smoke)} to check the benchmark itself on a CPU."
+        )
+    info = device_info(device)
+    name = f"{suite}-{device_slug(info)}.json"
+    out = Path("benchmarks/results") / name if out is None else Path(out)
+    if out.suffix != ".json":
+        out = out / name
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+    return device, info, out
+
+
 def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
     """Write through a temporary file in the same folder, then rename; refuse to replace an existing file
     unless `overwrite`."""

@@ -147,6 +147,17 @@ def unflatten_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.unflatten(-1, (heads, -1))
 
 
+def project_context_heads(attn: torch.nn.Module, context: torch.Tensor):
+    """q, k, v (B, S, H, D) of the text stream through `add_*_proj` and the added q/k norms."""
+    query, key, value = attn.add_q_proj(context), attn.add_k_proj(context), attn.add_v_proj(context)
+    query, key, value = (unflatten_heads(x, attn.heads) for x in (query, key, value))
+    if attn.norm_added_q is not None:
+        query = attn.norm_added_q(query)
+    if attn.norm_added_k is not None:
+        key = attn.norm_added_k(key)
+    return query, key, value
+
+
 def project_heads(attn: torch.nn.Module, hidden_states: torch.Tensor, context: torch.Tensor):
     """q, k, v in (B, S, H, D) through diffusers' `Attention` projections and per-head q/k norms."""
     query, key, value = attn.to_q(hidden_states), attn.to_k(context), attn.to_v(context)

@@ -18,10 +18,10 @@ from .base import (
     AttnCall,
     Family,
     context_grid,
+    project_context_heads,
     project_heads,
     record_inputs,
     sdpa_mask,
-    unflatten_heads,
 )
 from .unet import ATTENTION
 
@@ -46,14 +46,7 @@ class HunyuanVideoAdapter(Adapter):
             key = _rotate_video(key, video_len, rotary_emb)
 
         if attn.add_q_proj is not None and encoder_hidden_states is not None:
-            text_q = attn.add_q_proj(encoder_hidden_states)
-            text_k = attn.add_k_proj(encoder_hidden_states)
-            text_v = attn.add_v_proj(encoder_hidden_states)
-            text_q, text_k, text_v = (unflatten_heads(x, attn.heads) for x in (text_q, text_k, text_v))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = project_context_heads(attn, encoder_hidden_states)
             query = torch.cat([query, text_q], dim=1)
             key = torch.cat([key, text_k], dim=1)
             value = torch.cat([value, text_v], dim=1)

@@ -11,7 +11,15 @@ import torch
 from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, context_grid, project_heads, record_inputs, unflatten_heads
+from .base import (
+    Adapter,
+    AttnCall,
+    Family,
+    context_grid,
+    project_context_heads,
+    project_heads,
+    record_inputs,
+)
 
 
 class SD3Adapter(Adapter):
@@ -23,14 +31,7 @@ class SD3Adapter(Adapter):
         query, key, value = project_heads(attn, hidden_states, hidden_states)
         text_len = 0
         if encoder_hidden_states is not None:
-            text_q = attn.add_q_proj(encoder_hidden_states)
-            text_k = attn.add_k_proj(encoder_hidden_states)
-            text_v = attn.add_v_proj(encoder_hidden_states)
-            text_q, text_k, text_v = (unflatten_heads(x, attn.heads) for x in (text_q, text_k, text_v))
-            if attn.norm_added_q is not None:
-                text_q = attn.norm_added_q(text_q)
-            if attn.norm_added_k is not None:
-                text_k = attn.norm_added_k(text_k)
+            text_q, text_k, text_v = project_context_heads(attn, encoder_hidden_states)
             query = torch.cat([query, text_q], dim=1)
             key = torch.cat([key, text_k], dim=1)
             value = torch.cat([value, text_v], dim=1)
