@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .backend import ENV_VAR, current_backend, set_backend, use_backend
+from .bipartite_match import best_match
 from .block_sparse_attention import block_sparse_attention
 from .dense import dense_attention
 
@@ -76,6 +77,7 @@ __all__ = [
     "ENV_VAR",
     "Backend",
     "backends",
+    "best_match",
     "block_sparse_attention",
     "current_backend",
     "dense_attention",
