@@ -14,7 +14,15 @@ from importlib.metadata import PackageNotFoundError, version
 from .api import Handle, apply, attach, remove
 from .context import AttentionSite, AttnContext
 from .layout import Role, TokenLayout
-from .methods import METHODS, AttentionMethod, ClearAttention, DenseAttention, RadialAttention
+from .methods import (
+    METHODS,
+    AgentAttention,
+    AttentionMethod,
+    ClearAttention,
+    DenseAttention,
+    PooledAgentAttention,
+    RadialAttention,
+)
 
 try:
     __version__ = version("attnpack")
@@ -23,12 +31,14 @@ except PackageNotFoundError:  # running from a source tree that was never instal
 
 __all__ = [
     "METHODS",
+    "AgentAttention",
     "AttentionMethod",
     "AttentionSite",
     "AttnContext",
     "ClearAttention",
     "DenseAttention",
     "Handle",
+    "PooledAgentAttention",
     "RadialAttention",
     "Role",
     "TokenLayout",

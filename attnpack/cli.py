@@ -58,8 +58,8 @@ def format_info(info: dict[str, Any]) -> str:
         )
     lines += ["", "methods:"]
     for name, method in info["methods"].items():
-        lines.append(f"  {name:<10} {method['class']:<22} families: {', '.join(method['families'])}")
-        lines.append(f"  {'':<10} {'':<22} layers:   {', '.join(method['roles'])}")
+        lines.append(f"  {name:<13} {method['class']:<22} families: {', '.join(method['families'])}")
+        lines.append(f"  {'':<13} {'':<22} layers:   {', '.join(method['roles'])}")
     lines += ["", "families:"]
     for name, family in info["families"].items():
         lines.append(f"  {name:<14} {family['title']}")
@@ -107,7 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         "clear", help="CLEAR: the attention op and a FLUX step, dense and local"
     )
     clear_bench.add_argument(
-        "--resolution", nargs="+", metavar="NAME", help="default: flux-1024 flux-2048 flux-4096"
+        "--resolution",
+        dest="names",
+        nargs="+",
+        metavar="NAME",
+        help="default: flux-1024 flux-2048 flux-4096",
     )
     clear_bench.add_argument("--device", help="cuda (default when present) or cpu (the tiny resolution only)")
     clear_bench.add_argument(
@@ -118,6 +122,20 @@ def main(argv: list[str] | None = None) -> int:
         "--no-steps", dest="steps", action="store_false", help="the op only, no transformer"
     )
     clear_bench.add_argument("--repeats", type=int, default=3, help="timed transformer forwards (median)")
+    agent_bench = bench_commands.add_parser(
+        "agent", help="AgentSD: one UNet step, dense against stages 1 and 2"
+    )
+    agent_bench.add_argument(
+        "--model", dest="names", nargs="+", metavar="NAME", help="default: sd1.5-512 sdxl-1024"
+    )
+    agent_bench.add_argument("--device", help="cuda (default when present) or cpu (the tiny model only)")
+    agent_bench.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/agent-<device>.json)"
+    )
+    agent_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    agent_bench.add_argument(
+        "--repeats", type=int, default=5, help="timed UNet forwards per setting (median)"
+    )
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")

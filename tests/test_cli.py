@@ -12,7 +12,7 @@ def test_info_text(capsys):
     out = capsys.readouterr().out
     for expected in ("attnpack 0.1.0", "torch", "diffusers", "device:", "kernel backends:", "sdpa", "triton"):
         assert expected in out
-    assert "dense      DenseAttention" in out
+    assert "dense         DenseAttention" in out and "pooled_agent  PooledAgentAttention" in out
     assert "families: unet, flux, sd3, wan, cogvideox, hunyuan_video" in out
     assert "FLUX.1 (FluxTransformer2DModel)" in out
 

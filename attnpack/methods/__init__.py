@@ -5,13 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from .agent import AgentAttention, PooledAgentAttention
 from .base import AttentionMethod, check_choice, check_number
 from .clear import ClearAttention
 from .dense import DenseAttention
 from .radial import RadialAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
-    cls.name: cls for cls in (DenseAttention, RadialAttention, ClearAttention)
+    cls.name: cls
+    for cls in (DenseAttention, RadialAttention, ClearAttention, AgentAttention, PooledAgentAttention)
 }
 
 
@@ -46,9 +48,11 @@ def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod
 
 __all__ = [
     "METHODS",
+    "AgentAttention",
     "AttentionMethod",
     "ClearAttention",
     "DenseAttention",
+    "PooledAgentAttention",
     "RadialAttention",
     "check_choice",
     "check_number",

@@ -61,16 +61,39 @@ class AttentionMethod:
                 f"{type(self).__name__} needs the denoising context (grids, steps): {ATTACH_HINT}"
             )
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
+        reduction = None
+        if site is not None and site.family.name in self.families and site.role in self.roles:
+            hidden_states, reduction = self.reduce_tokens(
+                attn, site, hidden_states, encoder_hidden_states, attention_mask
+            )
         call = adapter.project(attn, site, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
+        call.reduction = reduction
         family = site.family.name if site is not None else adapter.name
         acts = family in self.families and call.layout.role in self.roles
         out = self.attend(call) if acts else dense(call)
         extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
-        return adapter.finish(call, out, extra_out)
+        result = adapter.finish(call, out, extra_out)
+        return result if reduction is None else self.restore_tokens(reduction, result)
 
     def attend(self, call: AttnCall) -> torch.Tensor:
         """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    def reduce_tokens(
+        self,
+        attn: torch.nn.Module,
+        site,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, Any]:
+        """Before projection, on a layer the method acts on: the hidden states the call should run on (fewer
+        tokens, for token merging) and what `restore_tokens` needs to undo that, or None to leave them."""
+        return hidden_states, None
+
+    def restore_tokens(self, reduction: Any, output: Any) -> Any:
+        """The module's output at the original token count, from the output of the reduced call."""
+        return output
 
     def processor_for(self, module: torch.nn.Module, site) -> Any:
         """What `attnpack.apply` installs on one attention module: the method itself, or a per-layer
