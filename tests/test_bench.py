@@ -98,3 +98,34 @@ def test_clear_benchmark_on_the_smoke_resolution(tmp_path):
     assert path.with_suffix(".png").exists()
     with pytest.raises(ValueError, match="Use --resolution tiny"):
         clear.run(["flux-4096"], device="cpu", out=tmp_path)
+
+
+def test_agent_benchmark_on_the_smoke_model(tmp_path):
+    from attnpack.bench import agent
+
+    path = agent.run(["tiny"], device="cpu", out=tmp_path, repeats=1)
+    result = json.loads(path.read_text())
+    assert path.name == "agent-cpu.json" and path.with_suffix(".png").exists()
+    (record,) = result["models"]
+    assert set(record["seconds"]) == {"dense", "stage1", "stage2"}
+    assert record["peak_memory_gib"] == {"dense": None, "stage1": None, "stage2": None}  # CUDA only
+    assert record["settings"]["max_downsample"] == 1 and record["speedup_50_steps"] > 0
+    with pytest.raises(ValueError, match="Use --model tiny"):
+        agent.run(["sdxl-1024"], device="cpu", out=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "suite, flag, extra",
+    [
+        ("radial", "--model", ["--repeats", "1"]),
+        ("clear", "--resolution", ["--no-steps"]),
+        ("agent", "--model", ["--repeats", "1"]),
+    ],
+)
+def test_every_suite_runs_from_the_command_line(suite, flag, extra, tmp_path, capsys):
+    name = "tiny"
+    argv = ["bench", suite, flag, name, "--device", "cpu", "--out", str(tmp_path), *extra]
+    assert main(argv) == 0
+    assert f"wrote {tmp_path / f'{suite}-cpu.json'}" in capsys.readouterr().out
+    assert main(argv) == 2  # the result is there: not overwritten
+    assert "pass --overwrite" in capsys.readouterr().err

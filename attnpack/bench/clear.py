@@ -11,7 +11,6 @@ Two measurements per resolution (1024², 2048², 4096²; 512 text tokens, 24 hea
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 from dataclasses import dataclass
@@ -22,10 +21,17 @@ from typing import Any
 import torch
 
 from ..api import apply
-from ..environment import versions
 from ..kernels import block_sparse_attention
 from ..patterns import clear_window
-from .report import median_ms, plot_speedups, prepare_run, write_json
+from .report import (
+    median_ms,
+    plot_speedups,
+    prepare_run,
+    random_model,
+    result_header,
+    time_forward,
+    write_json,
+)
 from .runners import flex_runner, sdpa_runner
 
 logger = logging.getLogger("attnpack")
@@ -131,17 +137,8 @@ def time_step(
     """One FLUX transformer forward with random weights: dense and with ClearAttention."""
     from diffusers import FluxTransformer2DModel
 
-    from .radial import time_forward
-
     config = TINY_CONFIG if resolution.name in SMOKE else FLUX_CONFIG
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(previous)
-    transformer.eval().requires_grad_(False)
+    transformer = random_model(FluxTransformer2DModel, config, device, dtype)
     grid, text = resolution.grid, resolution.text
     g = torch.Generator(device=device).manual_seed(0)
     rows = torch.arange(grid[0], device=device).repeat_interleave(grid[1])
@@ -220,21 +217,20 @@ def run(
         if steps:
             record["step"] = time_step(resolution, device, dtype, repeats)
         records.append(record)
-    result = {
-        "benchmark": "clear",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": info,
-        "versions": versions(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "timing": {
+    result = result_header(
+        "clear",
+        info,
+        dtype,
+        {
             "op": "triton.testing.do_bench median" if device.type == "cuda" else "wall-clock median",
             "step": f"median of {repeats} transformer forwards",
         },
-        "notes": [
+        [
             "flex-raster: FlexAttention with CLEAR's block mask, raster token order and 128 x 128 blocks",
             "flex-* run on inputs already in their pattern's order (their kernel alone)",
             "the transformer step uses random weights: speed does not depend on them",
         ],
+    ) | {
         "resolutions": records,
     }
     write_json(out, result, overwrite)

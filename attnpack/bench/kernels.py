@@ -10,7 +10,6 @@ grid that halves with every doubling of the frame distance (video DiTs).
 from __future__ import annotations
 
 import contextlib
-import datetime
 import gc
 import logging
 import math
@@ -21,7 +20,6 @@ from typing import Any
 
 import torch
 
-from ..environment import versions
 from ..kernels import block_sparse_attention
 from ..patterns import (
     BlockSparsePattern,
@@ -34,7 +32,7 @@ from ..patterns import (
     identity_order,
     tile_order,
 )
-from .report import median_ms, plot_speedups, prepare_run, write_json
+from .report import median_ms, plot_speedups, prepare_run, result_header, write_json
 from .runners import flex_runner, sdpa_runner
 
 logger = logging.getLogger("attnpack")
@@ -254,23 +252,22 @@ def run(
         run_geometry(GEOMETRIES[name], device, dtypes[dtype], warmup_ms, rep_ms)
         for name in tqdm(geometries, desc="bench kernels", unit="geometry")
     ]
-    result = {
-        "benchmark": "kernels",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": info,
-        "versions": versions(),
-        "dtype": dtype,
-        "timing": {
+    result = result_header(
+        "kernels",
+        info,
+        dtype,
+        {
             "method": "triton.testing.do_bench median (CUDA events)"
             if device.type == "cuda"
             else "wall-clock median",
             "warmup_ms": warmup_ms,
             "rep_ms": rep_ms,
         },
-        "notes": [
+        [
             "tflops counts the FLOPs of computed blocks (4 * heads * head_dim * computed query-key pairs)",
             "flex-sparse runs on inputs already in the pattern's token order (its kernel alone)",
         ],
+    ) | {
         "geometries": [
             asdict(GEOMETRIES[name]) | record for name, record in zip(geometries, records, strict=True)
         ],

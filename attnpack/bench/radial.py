@@ -8,7 +8,6 @@ the paper's dense warm-up steps dense and the rest at the sparse-step cost.
 
 from __future__ import annotations
 
-import datetime
 import gc
 import logging
 from dataclasses import dataclass, field
@@ -18,9 +17,8 @@ from typing import Any
 import torch
 
 from ..api import apply
-from ..environment import versions
 from ..methods.radial import PRESETS
-from .report import plot_speedups, prepare_run, write_json
+from .report import plot_speedups, prepare_run, random_model, result_header, time_forward, write_json
 
 logger = logging.getLogger("attnpack")
 
@@ -142,14 +140,7 @@ def build(model: Model, device: torch.device, dtype: torch.dtype):
     from diffusers import HunyuanVideoTransformer3DModel, WanTransformer3DModel
 
     cls = WanTransformer3DModel if model.family == "wan" else HunyuanVideoTransformer3DModel
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            transformer = cls(**model.config)
-    finally:
-        torch.set_default_dtype(previous)
-    transformer.eval().requires_grad_(False)
+    transformer = random_model(cls, model.config, device, dtype)
     g = torch.Generator(device=device).manual_seed(0)
     text_dim = model.config["text_dim"] if model.family == "wan" else model.config["text_embed_dim"]
     inputs = dict(
@@ -167,28 +158,6 @@ def build(model: Model, device: torch.device, dtype: torch.dtype):
             guidance=torch.tensor([6000.0], device=device, dtype=dtype),
         )
     return transformer, inputs
-
-
-def time_forward(transformer, inputs: dict, device: torch.device, repeats: int) -> float:
-    """Median seconds of one forward, after a warm-up forward (kernel builds, autotuning)."""
-    times = []
-    with torch.inference_mode():
-        transformer(**inputs)
-        for _ in range(repeats):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                transformer(**inputs)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1000)
-            else:
-                import time
-
-                begin = time.perf_counter()
-                transformer(**inputs)
-                times.append(time.perf_counter() - begin)
-    return sorted(times)[len(times) // 2]
 
 
 def run_model(model: Model, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
@@ -242,17 +211,16 @@ def run(
     records = []
     for name in tqdm(models, desc="bench radial", unit="model"):
         records.append(run_model(MODELS[name], device, dtype, repeats))
-    result = {
-        "benchmark": "radial",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": info,
-        "versions": versions(),
-        "dtype": str(dtype).removeprefix("torch."),
-        "timing": {"method": "median of one transformer forward (CUDA events)", "repeats": repeats},
-        "notes": [
+    result = result_header(
+        "radial",
+        info,
+        dtype,
+        {"method": "median of one transformer forward (CUDA events)", "repeats": repeats},
+        [
             "random weights: speed does not depend on them",
             f"speedup_{STEPS}_steps: the paper's dense steps at the dense cost, the rest at radial_sparse_step",
         ],
+    ) | {
         "models": records,
     }
     write_json(out, result, overwrite)

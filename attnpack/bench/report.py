@@ -33,6 +33,54 @@ def median_ms(
     return statistics.median(times)
 
 
+def random_model(
+    cls: type, config: dict[str, Any], device: torch.device, dtype: torch.dtype
+) -> torch.nn.Module:
+    """A diffusers model from its config with random weights, made directly in `dtype` on `device`, in eval
+    mode without gradients: speed does not depend on the weights."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval().requires_grad_(False)
+
+
+def time_forward(model, inputs: dict, device: torch.device, repeats: int) -> float:
+    """Median seconds of one forward, after a warm-up forward (kernel builds, autotuning)."""
+    times = []
+    with torch.inference_mode():
+        model(**inputs)
+        for _ in range(repeats):
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                model(**inputs)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1000)
+            else:
+                begin = time.perf_counter()
+                model(**inputs)
+                times.append(time.perf_counter() - begin)
+    return sorted(times)[len(times) // 2]
+
+
+def peak_memory_gib(fn: Callable[[], Any], device: torch.device) -> float | None:
+    """Peak memory allocated during one call of `fn` above what was allocated before it, in GiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    with torch.inference_mode():
+        fn()
+    torch.cuda.synchronize(device)
+    return (torch.cuda.max_memory_allocated(device) - before) / 2**30
+
+
 def prepare_run(
     suite: str, names: list[str], known, smoke: tuple[str, ...], flag: str, device, out, overwrite: bool
 ) -> tuple[torch.device, dict[str, Any], Path]:
@@ -57,6 +105,23 @@ def prepare_run(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
     return device, info, out
+
+
+def result_header(suite: str, info: dict[str, Any], dtype, timing: dict[str, Any], notes: list[str]) -> dict:
+    """What every result file starts with: suite, time, device, versions, dtype, how it was timed, notes."""
+    import datetime
+
+    from ..environment import versions
+
+    return {
+        "benchmark": suite,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": info,
+        "versions": versions(),
+        "dtype": str(dtype).removeprefix("torch."),
+        "timing": timing,
+        "notes": notes,
+    }
 
 
 def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool) -> None:
