@@ -17,6 +17,7 @@ from .backend import ENV_VAR, current_backend, set_backend, use_backend
 from .bipartite_match import best_match
 from .block_sparse_attention import block_sparse_attention
 from .dense import dense_attention
+from .temporal_windows import windowed_attention
 
 
 @dataclass(frozen=True)
@@ -83,4 +84,5 @@ __all__ = [
     "dense_attention",
     "set_backend",
     "use_backend",
+    "windowed_attention",
 ]

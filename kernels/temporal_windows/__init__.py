@@ -1,0 +1,60 @@
+"""Window-fused attention over frames, for many short temporal sequences (FreeNoise).
+
+`windowed_attention(q, k, v, windows, weights, offsets=None)` runs attention over (B, F, H, D) frames in
+every window of `windows` (equal lengths L), each window with the position offsets (L, H, D) added to its
+q, k and v, and returns each frame's weighted mean over its windows. On CUDA the Triton kernel does it in
+one pass; elsewhere the torch reference stacks the windows into one SDPA call.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .reference import windowed_attention_reference
+
+
+def windowed_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    windows: list[tuple[int, int]],
+    weights: torch.Tensor,
+    *,
+    offsets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    if query.ndim != 4 or query.shape != key.shape or key.shape != value.shape:
+        raise ValueError(
+            f"windowed_attention: q, k, v must be (B, F, H, D) of one shape; got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    lengths = {end - start for start, end in windows}
+    frames = query.shape[1]
+    if not windows or len(lengths) != 1 or any(s < 0 or e > frames or s >= e for s, e in windows):
+        raise ValueError(
+            f"windowed_attention: windows={windows} must be non-empty, equal-length, inside {frames} frames"
+        )
+    length = lengths.pop()
+    if weights.shape != (length,):
+        raise ValueError(
+            f"windowed_attention: weights must hold {length} values (one per window frame), got {tuple(weights.shape)}"
+        )
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    backend = backend or ("triton" if query.is_cuda else "reference")
+    if backend == "triton":
+        if not (query.is_cuda or interpreting):
+            raise ValueError(
+                "windowed_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)"
+            )
+        from .triton_kernel import windowed_attention_triton
+
+        return windowed_attention_triton(query, key, value, windows, weights, offsets=offsets, scale=scale)
+    if backend == "reference":
+        return windowed_attention_reference(query, key, value, windows, weights, offsets=offsets, scale=scale)
+    raise ValueError(f"windowed_attention: backend={backend!r} is not one of 'triton', 'reference'")
+
+
+__all__ = ["windowed_attention", "windowed_attention_reference"]
