@@ -20,6 +20,8 @@ from .methods import (
     AttentionMethod,
     ClearAttention,
     DenseAttention,
+    FreeLongAttention,
+    FreeNoiseAttention,
     PooledAgentAttention,
     RadialAttention,
 )
@@ -37,6 +39,8 @@ __all__ = [
     "AttnContext",
     "ClearAttention",
     "DenseAttention",
+    "FreeLongAttention",
+    "FreeNoiseAttention",
     "Handle",
     "PooledAgentAttention",
     "RadialAttention",

@@ -1,6 +1,8 @@
-"""attnpack.pipelines: ready pipelines: CLEAR's upscaler, and tiny random-weight pipelines (smoke models)."""
+"""attnpack.pipelines: ready pipelines: CLEAR's upscaler, long videos (FreeNoise / FreeLong), and tiny
+random-weight pipelines (smoke models)."""
 
 from .clear import clear_upscale
+from .long_video import frame_embeddings, keyframe_prompts, lerp_prompts, long_video
 from .tiny import RANDOM_WEIGHTS_NOTE, TINY_PIPELINES, TinyPipeline, build_tiny_pipeline, tiny_call_kwargs
 
 __all__ = [
@@ -9,5 +11,9 @@ __all__ = [
     "TinyPipeline",
     "build_tiny_pipeline",
     "clear_upscale",
+    "frame_embeddings",
+    "keyframe_prompts",
+    "lerp_prompts",
+    "long_video",
     "tiny_call_kwargs",
 ]

@@ -9,11 +9,21 @@ from .agent import AgentAttention, PooledAgentAttention
 from .base import AttentionMethod, check_choice, check_number
 from .clear import ClearAttention
 from .dense import DenseAttention
+from .freelong import FreeLongAttention
+from .freenoise import FreeNoiseAttention
 from .radial import RadialAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
     cls.name: cls
-    for cls in (DenseAttention, RadialAttention, ClearAttention, AgentAttention, PooledAgentAttention)
+    for cls in (
+        DenseAttention,
+        RadialAttention,
+        ClearAttention,
+        AgentAttention,
+        PooledAgentAttention,
+        FreeNoiseAttention,
+        FreeLongAttention,
+    )
 }
 
 
@@ -52,6 +62,8 @@ __all__ = [
     "AttentionMethod",
     "ClearAttention",
     "DenseAttention",
+    "FreeLongAttention",
+    "FreeNoiseAttention",
     "PooledAgentAttention",
     "RadialAttention",
     "check_choice",

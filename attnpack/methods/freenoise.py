@@ -1,0 +1,151 @@
+"""FreeNoiseAttention: window-fused temporal attention for AnimateDiff (Qiu et al., ICLR 2024).
+
+Each temporal attention of the motion modules runs on windows of `context_length` frames every
+`context_stride` frames (one more window ending at the last frame where they stop short), each window
+with the frame positions 0..L-1 the module was trained with, and every frame's output is the average of
+its windows' outputs, weighted by its place in each window (`weighting`). The paper's noise rescheduling
+is `reschedule_noise`; `attnpack.pipelines.long_video` puts both together, with prompts per frame.
+
+diffusers' `enable_free_noise` fuses the windows once per transformer block (after both temporal
+attentions); attnpack fuses each temporal attention, as the paper describes. The two agree wherever the
+video fits one window; the rescheduled noise and the prompt interpolation agree everywhere (tested).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+
+from ..families.base import AttnCall
+from ..kernels import windowed_attention
+from ..layout import Role
+from .base import AttentionMethod, check_choice, check_number
+from .temporal import defer_positions, frame_windows, position_offsets, table_length
+
+WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
+NOISE = ("shuffle", "repeat", "random")
+
+
+def window_weights(length: int, weighting: str = "pyramid") -> torch.Tensor:
+    """Each frame's weight inside a window of `length` frames: pyramid [1, 2, 3, 2, 1], flat, or
+    delayed_reverse_sawtooth [0.01, 0.01, 3, 2, 1] (diffusers' three schemes)."""
+    check_choice("window_weights", "weighting", weighting, WEIGHTINGS)
+    half = (length + 1) // 2
+    if weighting == "flat":
+        weights = [1.0] * length
+    elif weighting == "pyramid":
+        rising = list(range(1, half + 1))
+        weights = rising + rising[::-1][length % 2 :]
+    elif length % 2 == 0:
+        weights = [0.01] * (half - 1) + [half] + list(range(half, 0, -1))
+    else:
+        weights = [0.01] * (half - 1) + list(range(half, 0, -1))
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def reschedule_noise(
+    noise: torch.Tensor,
+    context_length: int = 16,
+    context_stride: int = 4,
+    mode: str = "shuffle",
+    generator: torch.Generator | list[torch.Generator] | None = None,
+) -> torch.Tensor:
+    """FreeNoise's noise for a long video from (B, C, F, H, W) noise, in a new tensor.
+
+    "shuffle": frames [i, i + stride) for i = L, L + stride, ... take a shuffled copy of frames
+    [i - L, i - L + stride), so every window sees a local permutation of the first window's noise;
+    "repeat": the first L frames repeated; "random": unchanged. A list of generators (one per video)
+    shuffles each video with its own.
+    """
+    check_choice("reschedule_noise", "mode", mode, NOISE)
+    check_number("reschedule_noise", "context_length", context_length, low=1, integer=True)
+    check_number("reschedule_noise", "context_stride", context_stride, low=1, integer=True)
+    if noise.ndim != 5:
+        raise ValueError(f"reschedule_noise: noise must be (B, C, F, H, W); got shape {tuple(noise.shape)}")
+    batch, frames = noise.shape[0], noise.shape[2]
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(
+            f"reschedule_noise: {len(generator)} generators for a batch of {batch}; give one per video"
+        )
+    noise = noise.clone()
+    if mode == "repeat":
+        repeats = -(-frames // context_length)
+        return noise[:, :, :context_length].repeat(1, 1, repeats, 1, 1)[:, :, :frames].contiguous()
+    if mode == "random":
+        return noise
+    generators = generator if isinstance(generator, list) else [generator] * batch
+    shared = not isinstance(generator, list)
+    for start in range(context_length, frames, context_stride):
+        source = torch.arange(start - context_length, start - context_length + context_stride)
+        count = min(context_stride, frames - start)
+        if shared:
+            order = source[_randperm(len(source), generator)][:count]
+            noise[:, :, start : start + count] = noise[:, :, order]
+        else:
+            for b, g in enumerate(generators):
+                order = source[_randperm(len(source), g)][:count]
+                noise[b, :, start : start + count] = noise[b, :, order]
+    return noise
+
+
+def _randperm(n: int, generator: torch.Generator | None) -> torch.Tensor:
+    device = generator.device if generator is not None else "cpu"
+    return torch.randperm(n, generator=generator, device=device).cpu()
+
+
+@dataclass(eq=False, repr=False)
+class FreeNoiseAttention(AttentionMethod):
+    """Window-fused temporal attention for AnimateDiff motion modules. `context_length`: the frames the
+    motion module was trained on (16 for most adapters; None reads the adapter's `motion_max_seq_length`
+    when applied); `context_stride`: frames between window starts; `weighting`: "pyramid", "flat" or
+    "delayed_reverse_sawtooth"."""
+
+    context_length: int | None = 16
+    context_stride: int = 4
+    weighting: str = "pyramid"
+
+    name: ClassVar[str] = "freenoise"
+    families: ClassVar[tuple[str, ...]] = ("unet",)
+    roles: ClassVar[frozenset[Role]] = frozenset({Role.TEMPORAL})
+
+    def __post_init__(self):
+        owner = "FreeNoiseAttention"
+        if self.context_length is not None:
+            check_number(owner, "context_length", self.context_length, low=1, integer=True)
+        check_number(owner, "context_stride", self.context_stride, low=1, integer=True)
+        check_choice(owner, "weighting", self.weighting, WEIGHTINGS)
+
+    def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
+        return defer_positions(processors, denoisers)
+
+    def window_length(self, call: AttnCall) -> int:
+        if self.context_length is not None:
+            return self.context_length
+        trained = table_length(call.module)
+        if trained is None:
+            raise RuntimeError(
+                "FreeNoiseAttention(context_length=None) reads the motion module's trained length from its "
+                "positions: apply it with attnpack.apply(pipe, ...), or pass context_length"
+            )
+        return trained
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        frames = call.query.shape[1]
+        windows = frame_windows(frames, self.window_length(call), self.context_stride)
+        length = windows[0][1] - windows[0][0]
+        offsets = position_offsets(call.module, torch.arange(length))
+        if call.attn_mask is not None:
+            raise RuntimeError(
+                f"FreeNoiseAttention: {call.site.name} has an attention mask; windows cannot honour it"
+            )
+        return windowed_attention(
+            call.query,
+            call.key,
+            call.value,
+            windows,
+            window_weights(length, self.weighting),
+            offsets=offsets,
+            scale=call.scale,
+        )

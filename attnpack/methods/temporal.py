@@ -1,0 +1,98 @@
+"""What the temporal-window methods (FreeNoise, FreeLong) share: frame windows and the motion modules' positions.
+
+AnimateDiff's motion modules add sinusoidal frame positions (at most `motion_max_seq_length`, usually 32)
+to the normed hidden states before each temporal attention. A window must see positions 0..L-1 whatever
+frames it covers, and a video longer than the table must not index past it, so while a temporal method is
+applied the block's position module adds nothing and the processor adds the positions itself: projections
+are linear, so `to_q(x + p) = to_q(x) + W_q p`, and the position offsets are computed once per call.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..context import SITE_ATTR
+
+POSITIONS_ATTR = "_attnpack_positions"  # on a temporal attention module: its block's (max_len, C) table
+
+
+class DeferredPositions(torch.nn.Module):
+    """Stands in for a motion block's SinusoidalPositionalEmbedding: adds nothing, keeps the table under the
+    same state-dict key (`pe`)."""
+
+    def __init__(self, pe: torch.Tensor):
+        super().__init__()
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def defer_positions(processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
+    """For every temporal attention module in `processors`, move its block's frame positions into the
+    processor's hands. Returns the undo."""
+    undo = []
+    for module in processors:
+        site = getattr(module, SITE_ATTR, None)
+        if site is None or "." not in site.local_name:
+            continue
+        block_name, attention_name = site.local_name.rsplit(".", 1)
+        block = denoisers[site.denoiser].get_submodule(block_name)
+        positions = getattr(block, "pos_embed", None)
+        if positions is None or not hasattr(positions, "pe"):
+            continue
+        if attention_name == "attn2" and getattr(block, "norm_type", None) == "ada_norm_single":
+            continue  # the block adds no positions before attn2 then
+        if not isinstance(positions, DeferredPositions):
+            block.pos_embed = DeferredPositions(positions.pe)
+            undo.append(lambda block=block, original=positions: setattr(block, "pos_embed", original))
+        setattr(module, POSITIONS_ATTR, block.pos_embed.pe)
+        undo.append(lambda module=module: delattr(module, POSITIONS_ATTR))
+
+    def restore():
+        for step in reversed(undo):
+            step()
+
+    return restore
+
+
+def position_offsets(attn: torch.nn.Module, rows: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+    """(W_q p, W_k p, W_v p) as (len(rows), H, D) for the module's position table at `rows`, or None when
+    the module has no deferred positions."""
+    table = getattr(attn, POSITIONS_ATTR, None)
+    if table is None:
+        return None
+    if attn.norm_q is not None or attn.norm_k is not None:
+        raise RuntimeError("temporal windows need linear q/k projections; this module normalises q or k")
+    positions = table[0, rows.to(table.device)].to(attn.to_q.weight.dtype)
+    return tuple(
+        F.linear(positions, projection.weight).unflatten(-1, (attn.heads, -1))
+        for projection in (attn.to_q, attn.to_k, attn.to_v)
+    )
+
+
+def table_length(attn: torch.nn.Module) -> int | None:
+    table = getattr(attn, POSITIONS_ATTR, None)
+    return None if table is None else table.shape[1]
+
+
+def frame_windows(num_frames: int, length: int, stride: int) -> list[tuple[int, int]]:
+    """Windows of `length` frames every `stride` frames; where they stop short of the end, one more window
+    ends at the last frame. A video no longer than a window is one window."""
+    if num_frames <= length:
+        return [(0, num_frames)]
+    windows = [(start, start + length) for start in range(0, num_frames - length + 1, stride)]
+    if windows[-1][1] < num_frames:
+        windows.append((num_frames - length, num_frames))
+    return windows
+
+
+def centered_windows(num_frames: int, length: int) -> torch.Tensor:
+    """Per frame, the first frame of the `length`-frame window around it, shifted inside at the ends."""
+    frames = torch.arange(num_frames)
+    if num_frames <= length:
+        return torch.zeros(num_frames, dtype=torch.long)
+    return (frames - length // 2).clamp(0, num_frames - length)

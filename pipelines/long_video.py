@@ -1,0 +1,146 @@
+"""Long videos from short-video AnimateDiff models: FreeNoise / FreeLong attention, rescheduled noise, and
+prompts that change along the video (`{frame: prompt}`, interpolated between the keyframes)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..api import apply
+from ..methods.base import AttentionMethod
+from ..methods.freenoise import NOISE, FreeNoiseAttention, reschedule_noise
+
+
+def lerp_prompts(start: int, end: int, first: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    """Embeddings for frames start..end (inclusive), linear from `first` to `last` ((1, S, C) each)."""
+    alpha = torch.linspace(0, 1, end - start + 1, device=first.device, dtype=torch.float32)
+    alpha = alpha.reshape(-1, *([1] * (first.ndim - 1)))
+    return ((1 - alpha) * first.float() + alpha * last.float()).to(first.dtype)
+
+
+def keyframe_prompts(prompt: str | dict[int, str], num_frames: int, name: str = "prompt") -> dict[int, str]:
+    """`prompt` as {frame: text}, checked: integer frames in [0, num_frames), frame 0 present, text values."""
+    if isinstance(prompt, str):
+        return {0: prompt}
+    if not isinstance(prompt, dict) or not prompt:
+        raise ValueError(f"{name}={prompt!r} must be a string or a non-empty {{frame: prompt}} dict")
+    for frame, text in prompt.items():
+        if isinstance(frame, bool) or not isinstance(frame, int) or not 0 <= frame < num_frames:
+            raise ValueError(
+                f"{name}: frame {frame!r} must be an integer in [0, {num_frames}) for num_frames={num_frames}"
+            )
+        if not isinstance(text, str):
+            raise ValueError(
+                f"{name}: the prompt for frame {frame} must be a string, got {type(text).__name__}"
+            )
+    if 0 not in prompt:
+        raise ValueError(
+            f"{name}: frame 0 needs a prompt (got frames {sorted(prompt)}); the video starts from it"
+        )
+    return dict(sorted(prompt.items()))
+
+
+def frame_embeddings(
+    embeddings: torch.Tensor,
+    frames: list[int],
+    num_frames: int,
+    interpolate: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] = lerp_prompts,
+) -> torch.Tensor:
+    """(num_frames, S, C) from one embedding per keyframe ((K, S, C), frames ascending from 0): interpolated
+    between keyframes, the last one held to the end."""
+    out = embeddings.new_empty(num_frames, *embeddings.shape[1:])
+    keys = [*frames, num_frames - 1] if frames[-1] != num_frames - 1 else frames
+    values = list(embeddings) + ([embeddings[-1]] if len(keys) > len(frames) else [])
+    if len(keys) == 1:
+        return embeddings[:1].expand(num_frames, *embeddings.shape[1:]).clone()
+    for i in range(len(keys) - 1):
+        out[keys[i] : keys[i + 1] + 1] = interpolate(
+            keys[i], keys[i + 1], values[i][None], values[i + 1][None]
+        )
+    return out
+
+
+def long_video(
+    pipe,
+    prompt: str | dict[int, str],
+    *,
+    num_frames: int,
+    method: AttentionMethod | None = None,
+    negative_prompt: str | dict[int, str] | None = None,
+    noise: str = "shuffle",
+    generator: torch.Generator | list[torch.Generator] | None = None,
+    interpolate: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] = lerp_prompts,
+    height: int | None = None,
+    width: int | None = None,
+    **kwargs: Any,
+):
+    """A long video from an AnimateDiff pipeline: `method` (default `FreeNoiseAttention()`; also
+    `FreeLongAttention(...)`) applied for the call, noise rescheduled (`noise`: "shuffle", "repeat",
+    "random") with the method's window (16 / 4 for methods without one), prompts per frame. Other keyword
+    arguments go to the pipeline (num_inference_steps, guidance_scale, output_type, ...). Returns its output;
+    `pipe` is left as it was."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    method = FreeNoiseAttention() if method is None else method
+    if noise not in NOISE:
+        raise ValueError(f"noise={noise!r} is not accepted; choose one of {', '.join(map(repr, NOISE))}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames={num_frames!r} must be a positive integer")
+    for taken in ("prompt_embeds", "negative_prompt_embeds", "latents", "num_videos_per_prompt"):
+        if taken in kwargs:
+            raise ValueError(f"long_video makes {taken} itself; pass prompts, noise and generator instead")
+    prompts = keyframe_prompts(prompt, num_frames)
+    negatives = keyframe_prompts(negative_prompt or "", num_frames, "negative_prompt")
+    batch = len(generator) if isinstance(generator, list) else 1
+
+    device = pipe._execution_device
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (
+        batch,
+        pipe.unet.config.in_channels,
+        num_frames,
+        height // pipe.vae_scale_factor,
+        width // pipe.vae_scale_factor,
+    )
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=pipe.unet.dtype)
+    length = getattr(method, "context_length", None) or 16
+    stride = getattr(method, "context_stride", 4)
+    latents = reschedule_noise(latents, length, stride, noise, generator)  # the pipeline scales it
+
+    positive, _ = pipe.encode_prompt(list(prompts.values()), device, 1, False)
+    negative, _ = pipe.encode_prompt(list(negatives.values()), device, 1, False)
+    per_frame = {
+        "positive": frame_embeddings(positive, list(prompts), num_frames, interpolate),
+        "negative": frame_embeddings(negative, list(negatives), num_frames, interpolate),
+    }
+
+    def per_frame_text(module, args, inputs):
+        text = inputs.get("encoder_hidden_states")
+        rows = [per_frame["positive"]] * batch
+        if text is not None and text.shape[0] == 2 * batch * num_frames:  # [negative; positive], frames inner
+            rows = [per_frame["negative"]] * batch + rows
+        replacement = torch.cat(rows).to(text.dtype)
+        if replacement.shape != text.shape:
+            raise RuntimeError(
+                f"long_video: the UNet got text of shape {tuple(text.shape)}, expected {tuple(replacement.shape)}"
+            )
+        return args, inputs | {"encoder_hidden_states": replacement}
+
+    hook = pipe.unet.register_forward_pre_hook(per_frame_text, with_kwargs=True)
+    try:
+        with apply(pipe, method):
+            return pipe(
+                prompt_embeds=positive[:1].expand(batch, -1, -1),
+                negative_prompt_embeds=negative[:1].expand(batch, -1, -1),
+                latents=latents,
+                generator=generator,
+                num_frames=num_frames,
+                height=height,
+                width=width,
+                **kwargs,
+            )
+    finally:
+        hook.remove()
