@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..api import apply
+from ..api import STATE_ATTR, apply, attach, remove
 from ..methods.base import AttentionMethod
 from ..methods.freenoise import NOISE, FreeNoiseAttention, reschedule_noise
 
@@ -74,13 +74,21 @@ def long_video(
     interpolate: Callable[[int, int, torch.Tensor, torch.Tensor], torch.Tensor] = lerp_prompts,
     height: int | None = None,
     width: int | None = None,
+    motion_injection: bool = False,
+    injection_steps: tuple[float, float] = (0.1, 0.3),
     **kwargs: Any,
 ):
     """A long video from an AnimateDiff pipeline: `method` (default `FreeNoiseAttention()`; also
     `FreeLongAttention(...)`) applied for the call, noise rescheduled (`noise`: "shuffle", "repeat",
     "random") with the method's window (16 / 4 for methods without one), prompts per frame. Other keyword
     arguments go to the pipeline (num_inference_steps, guidance_scale, output_type, ...). Returns its output;
-    `pipe` is left as it was."""
+    `pipe` is left as it was.
+
+    `motion_injection` is FreeNoise's multi-prompt recipe: outside the middle of the run (steps before the
+    fraction `injection_steps[0]` and after `injection_steps[1]` of the steps: 5 and 15 of 50) the
+    cross-attention of the encoder and the mid-block reads the last keyframe's prompt on every frame,
+    while the decoder keeps the per-frame prompts; the unconditional pass is left alone. The paper's
+    two-prompt layout for F frames is {0: first, 3F/8: first, 5F/8 - 1: second}."""
     from diffusers.utils.torch_utils import randn_tensor
 
     method = FreeNoiseAttention() if method is None else method
@@ -91,6 +99,9 @@ def long_video(
     for taken in ("prompt_embeds", "negative_prompt_embeds", "latents", "num_videos_per_prompt"):
         if taken in kwargs:
             raise ValueError(f"long_video makes {taken} itself; pass prompts, noise and generator instead")
+    early, late = injection_steps
+    if not 0 <= early <= late <= 1:
+        raise ValueError(f"injection_steps={injection_steps!r} must be two fractions 0 <= a <= b <= 1")
     prompts = keyframe_prompts(prompt, num_frames)
     negatives = keyframe_prompts(negative_prompt or "", num_frames, "negative_prompt")
     batch = len(generator) if isinstance(generator, list) else 1
@@ -129,7 +140,29 @@ def long_video(
             )
         return args, inputs | {"encoder_hidden_states": replacement}
 
-    hook = pipe.unet.register_forward_pre_hook(per_frame_text, with_kwargs=True)
+    was_attached = getattr(pipe, STATE_ATTR, None) is not None
+    hooks = [pipe.unet.register_forward_pre_hook(per_frame_text, with_kwargs=True)]
+    if motion_injection:
+        ctx = attach(pipe)
+        target = per_frame["positive"][-1:].expand(num_frames, -1, -1)
+
+        def inject(module, args, inputs):
+            text = inputs.get("encoder_hidden_states")
+            step, steps = ctx.step_index, ctx.num_steps
+            if text is None or step is None or early * steps <= step <= late * steps:
+                return None
+            conditional = text.shape[0] - batch * num_frames  # [negative; positive] with guidance
+            replaced = text.clone()
+            replaced[conditional:] = target.to(text.dtype).repeat(batch, 1, 1)
+            return args, inputs | {"encoder_hidden_states": replaced}
+
+        for name, module in pipe.unet.named_modules():
+            if (
+                name.startswith(("down_blocks", "mid_block"))
+                and "motion_modules" not in name
+                and name.endswith("attn2")
+            ):
+                hooks.append(module.register_forward_pre_hook(inject, with_kwargs=True))
     try:
         with apply(pipe, method):
             return pipe(
@@ -143,4 +176,7 @@ def long_video(
                 **kwargs,
             )
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
+        if not was_attached:
+            remove(pipe)

@@ -325,3 +325,46 @@ def test_local_window_attention_matches_a_loop():
         qi = q[:, i : i + 1] + offsets[0][i - start]
         ki, vi = k[:, start : start + 4] + offsets[1], v[:, start : start + 4] + offsets[2]
         assert max_diff(out[:, i : i + 1], naive_attention(qi, ki, vi)) < 1e-5
+
+
+def test_motion_injection_reads_the_last_prompt_in_the_encoder_outside_the_middle_steps():
+    from attnpack.api import STATE_ATTR
+
+    pipe = tiny_pipeline(NAME)
+    keyframes, _ = pipe.encode_prompt(["a red fox", "a blue fox"], "cpu", 1, False)
+    seen = []  # (step, where, conditional rows equal the last prompt on every frame)
+
+    def record(where):
+        def hook(module, args, kwargs, output):
+            text = kwargs["encoder_hidden_states"]
+            step = attnpack.attach(pipe).step_index
+            injected = torch.equal(
+                text[text.shape[0] // 2 :], keyframes[1:].expand(text.shape[0] // 2, -1, -1)
+            )
+            seen.append((step, where, injected))
+
+        return hook
+
+    hooks = [
+        pipe.unet.get_submodule(name).register_forward_hook(record(name.split(".")[0]), with_kwargs=True)
+        for name in (
+            "down_blocks.0.attentions.0.transformer_blocks.0.attn2",
+            "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+        )
+    ]
+    long_video(
+        pipe,
+        {0: "a red fox", 10: "a blue fox"},
+        num_frames=20,
+        motion_injection=True,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+        **call_kwargs(num_inference_steps=10),
+    )
+    for hook in hooks:
+        hook.remove()
+    down = {step: injected for step, where, injected in seen if where == "down_blocks"}
+    up = {step: injected for step, where, injected in seen if where == "up_blocks"}
+    assert down == {0: True, 1: False, 2: False, 3: False, **{s: True for s in range(4, 10)}}  # 5 / 15 of 50
+    assert not any(up.values())  # the decoder keeps the per-frame prompts
+    assert getattr(pipe, STATE_ATTR, None) is None  # long_video attached for the call only
