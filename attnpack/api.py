@@ -103,11 +103,7 @@ def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
     method = make_method(method, **config)
     attach(pipe)
     attachment: Attachment = getattr(pipe, STATE_ATTR)
-    targets = [
-        module
-        for module, site in attachment.modules
-        if site.family.name in method.families and site.role in method.roles
-    ]
+    targets = [module for module, site in attachment.modules if method.acts_on(site.family.name, site.role)]
     if not targets:
         found = ", ".join(
             f"{attr}: {type(model).__name__} ({family.name})"

@@ -1,5 +1,6 @@
-"""Long videos from short-video AnimateDiff models: FreeNoise / FreeLong attention, rescheduled noise, and
-prompts that change along the video (`{frame: prompt}`, interpolated between the keyframes)."""
+"""Long videos from short-video models: FreeNoise / FreeLong attention and rescheduled noise, on AnimateDiff
+(with prompts that change along the video, `{frame: prompt}`, interpolated between the keyframes) and on
+Wan 2.1 / 2.2 (one prompt; windows in latent frames)."""
 
 from __future__ import annotations
 
@@ -78,20 +79,26 @@ def long_video(
     injection_steps: tuple[float, float] = (0.1, 0.3),
     **kwargs: Any,
 ):
-    """A long video from an AnimateDiff pipeline: `method` (default `FreeNoiseAttention()`; also
-    `FreeLongAttention(...)`) applied for the call, noise rescheduled (`noise`: "shuffle", "repeat",
-    "random") with the method's window (16 / 4 for methods without one), prompts per frame. Other keyword
-    arguments go to the pipeline (num_inference_steps, guidance_scale, output_type, ...). Returns its output;
-    `pipe` is left as it was.
+    """A long video from an AnimateDiff or a Wan pipeline: `method` applied for the call (default
+    `FreeNoiseAttention()` on AnimateDiff, `FreeNoiseAttention(context_length=21, context_stride=5)` on Wan,
+    whose windows count latent frames; also `FreeLongAttention(...)`), noise rescheduled (`noise`:
+    "shuffle", "repeat", "random") with the method's window (the defaults' for methods without one), prompts
+    per frame (AnimateDiff). Other keyword arguments go to the pipeline (num_inference_steps,
+    guidance_scale, output_type, ...). Returns its output; `pipe` is left as it was.
 
     `motion_injection` is FreeNoise's multi-prompt recipe: outside the middle of the run (steps before the
     fraction `injection_steps[0]` and after `injection_steps[1]` of the steps: 5 and 15 of 50) the
     cross-attention of the encoder and the mid-block reads the last keyframe's prompt on every frame,
     while the decoder keeps the per-frame prompts; the unconditional pass is left alone. The paper's
     two-prompt layout for F frames is {0: first, 3F/8: first, 5F/8 - 1: second}."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    method = FreeNoiseAttention() if method is None else method
+    is_wan = (
+        getattr(pipe, "transformer", None) is not None
+        and type(pipe.transformer).__name__ == "WanTransformer3DModel"
+    )
+    if not is_wan and getattr(pipe, "motion_adapter", None) is None:
+        raise ValueError(f"long_video runs AnimateDiff and Wan pipelines; got {type(pipe).__name__}")
+    if method is None:
+        method = FreeNoiseAttention(context_length=21, context_stride=5) if is_wan else FreeNoiseAttention()
     if noise not in NOISE:
         raise ValueError(f"noise={noise!r} is not accepted; choose one of {', '.join(map(repr, NOISE))}")
     if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
@@ -102,6 +109,15 @@ def long_video(
     early, late = injection_steps
     if not 0 <= early <= late <= 1:
         raise ValueError(f"injection_steps={injection_steps!r} must be two fractions 0 <= a <= b <= 1")
+    if is_wan:
+        if not isinstance(prompt, str) or not isinstance(negative_prompt, str | None) or motion_injection:
+            raise ValueError(
+                "long_video on Wan takes one prompt and one negative prompt (strings) and no motion_injection; "
+                "frame-keyed prompts run on AnimateDiff"
+            )
+        return _wan(
+            pipe, prompt, negative_prompt, num_frames, method, noise, generator, height, width, kwargs
+        )
     prompts = keyframe_prompts(prompt, num_frames)
     negatives = keyframe_prompts(negative_prompt or "", num_frames, "negative_prompt")
     batch = len(generator) if isinstance(generator, list) else 1
@@ -109,17 +125,10 @@ def long_video(
     device = pipe._execution_device
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (
-        batch,
-        pipe.unet.config.in_channels,
-        num_frames,
-        height // pipe.vae_scale_factor,
-        width // pipe.vae_scale_factor,
-    )
-    latents = randn_tensor(shape, generator=generator, device=device, dtype=pipe.unet.dtype)
-    length = getattr(method, "context_length", None) or 16
-    stride = getattr(method, "context_stride", 4)
-    latents = reschedule_noise(latents, length, stride, noise, generator)  # the pipeline scales it
+    latents = rescheduled_noise(
+        (batch, pipe.unet.config.in_channels, num_frames, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor),
+        method, noise, generator, device, pipe.unet.dtype, default_window=(16, 4),
+    )  # fmt: skip
 
     positive, _ = pipe.encode_prompt(list(prompts.values()), device, 1, False)
     negative, _ = pipe.encode_prompt(list(negatives.values()), device, 1, False)
@@ -178,5 +187,42 @@ def long_video(
     finally:
         for hook in hooks:
             hook.remove()
+        if not was_attached:
+            remove(pipe)
+
+
+def rescheduled_noise(shape, method, noise, generator, device, dtype, default_window: tuple[int, int]):
+    """Start noise of `shape` (B, C, F, H, W), rescheduled with the method's window (or `default_window`)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    length = getattr(method, "context_length", None) or default_window[0]
+    stride = getattr(method, "context_stride", default_window[1])
+    return reschedule_noise(latents, length, stride, noise, generator)  # the pipeline scales it
+
+
+def _wan(pipe, prompt, negative_prompt, num_frames, method, noise, generator, height, width, kwargs):
+    height, width = height or 480, width or 832
+    batch = len(generator) if isinstance(generator, list) else 1
+    latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
+    spatial = pipe.vae_scale_factor_spatial
+    shape = (batch, pipe.transformer.config.in_channels, latent_frames, height // spatial, width // spatial)
+    latents = rescheduled_noise(
+        shape, method, noise, generator, pipe._execution_device, torch.float32, (21, 5)
+    )
+    was_attached = getattr(pipe, STATE_ATTR, None) is not None
+    try:
+        with apply(pipe, method):
+            return pipe(
+                prompt=[prompt] * batch,
+                negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
+                latents=latents,
+                num_frames=num_frames,
+                height=height,
+                width=width,
+                generator=generator,
+                **kwargs,
+            )
+    finally:
         if not was_attached:
             remove(pipe)

@@ -305,14 +305,25 @@ def test_spectral_blend_matches_a_plain_fft():
     torch.manual_seed(1)
     g, l = torch.randn(2, 5, 6, 7, 3), torch.randn(2, 5, 6, 7, 3)  # noqa: E741
     mask = gaussian_low_pass((7, 5, 6), 0.3, 0.4)  # (T, H, W) for dims (3, 1, 2)
-    out = spectral_blend(g, l, mask, dims=(3, 1, 2))
+    out = spectral_blend([g, l], [mask], dims=(3, 1, 2))
     # the same without shifts: move the mask to unshifted frequencies instead
     unshifted = torch.fft.ifftshift(mask, dim=(0, 1, 2)).permute(1, 2, 0)[None, :, :, :, None].double()
     G, L = torch.fft.fftn(g.double(), dim=(1, 2, 3)), torch.fft.fftn(l.double(), dim=(1, 2, 3))
     expected = torch.fft.ifftn(G * unshifted + L * (1 - unshifted), dim=(1, 2, 3)).real
     assert max_diff(out, expected) < 1e-5
     wide = gaussian_low_pass((7, 5, 6), 1e6, 1e6)
-    assert max_diff(spectral_blend(g, l, wide, dims=(3, 1, 2)), g) < 1e-5  # all low: global
+    assert max_diff(spectral_blend([g, l], [wide], dims=(3, 1, 2)), g) < 1e-5  # all low: global
+
+
+def test_multi_band_blend_splits_the_spectrum():
+    torch.manual_seed(4)
+    x = torch.randn(1, 6, 4, 5, 2)
+    masks = [gaussian_low_pass((6, 4, 5), 0.3, c) for c in (0.1, 0.2, 0.4)]
+    assert max_diff(spectral_blend([x, x, x, x], masks, dims=(1, 2, 3)), x) < 1e-5  # the bands sum to one
+    branches = [torch.randn_like(x) for _ in range(3)]
+    two = spectral_blend(branches[:2], masks[:1], dims=(1, 2, 3))
+    # a third branch equal to the second changes nothing: its band was the second's
+    assert max_diff(spectral_blend([*branches[:2], branches[1]], masks[:2], dims=(1, 2, 3)), two) < 1e-5
 
 
 def test_local_window_attention_matches_a_loop():
@@ -368,3 +379,97 @@ def test_motion_injection_reads_the_last_prompt_in_the_encoder_outside_the_middl
     assert down == {0: True, 1: False, 2: False, 3: False, **{s: True for s in range(4, 10)}}  # 5 / 15 of 50
     assert not any(up.values())  # the decoder keeps the per-frame prompts
     assert getattr(pipe, STATE_ATTR, None) is None  # long_video attached for the call only
+
+
+# ---- video DiTs (Wan)
+
+WAN = "tiny-wan-t2v"  # latent frames = (num_frames - 1) / 4 + 1; its grid is F x 2 x 3
+
+
+def test_frame_band_pattern():
+    from attnpack.patterns import frame_band
+
+    pattern = frame_band((6, 3, 4), 1, blocks=(16, 16))
+    frames = torch.arange(6).repeat_interleave(12)
+    assert torch.equal(pattern.to_dense()[0], (frames[:, None] - frames[None, :]).abs() <= 1)
+    with pytest.raises(ValueError, match="radius=-1"):
+        frame_band((6, 3, 4), -1)
+
+
+def test_frame_windows_on_token_slices_match_a_loop():
+    torch.manual_seed(5)
+    q, k, v = (torch.randn(2, 7 * 6, 2, 8) for _ in range(3))
+    windows = frame_windows(7, 3, 2)
+    weights = window_weights(3, "pyramid")
+    out = windowed_attention(q, k, v, windows, weights, tokens_per_frame=6)
+    fused, total = torch.zeros(2, 42, 2, 8, dtype=torch.float64), torch.zeros(42, dtype=torch.float64)
+    for start, end in windows:
+        part = slice(start * 6, end * 6)
+        w = weights.double().repeat_interleave(6)
+        fused[:, part] += naive_attention(q[:, part], k[:, part], v[:, part]) * w[None, :, None, None]
+        total[part] += w
+    assert max_diff(out, fused / total[None, :, None, None]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "method",
+    [attnpack.FreeNoiseAttention(context_length=3), attnpack.FreeLongAttention(local_window=3)],
+    ids=["freenoise", "freelong"],
+)
+def test_wan_windows_covering_the_video_reproduce_stock(method):
+    pipe = tiny_pipeline(WAN)
+    stock = run_tiny(pipe, WAN)  # 3 latent frames
+    with attnpack.apply(pipe, method):
+        assert max_diff(run_tiny(pipe, WAN), stock) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        attnpack.FreeNoiseAttention(context_length=3, context_stride=2),
+        attnpack.FreeLongAttention(local_window=3),
+        attnpack.FreeLongAttention(local_window=3, band_windows=(6,)),
+    ],
+    ids=["freenoise", "freelong", "freelong-bands"],
+)
+def test_wan_at_three_times_the_length(method):
+    """9 latent frames for a stand-in trained length of 3: the windows run and change the output."""
+    pipe = tiny_pipeline(WAN)
+    stock = run_tiny(pipe, WAN, num_frames=33, num_inference_steps=1)
+    with attnpack.apply(pipe, method):
+        out = run_tiny(pipe, WAN, num_frames=33, num_inference_steps=1)
+    assert out.shape == stock.shape and torch.isfinite(out).all() and max_diff(out, stock) > 1e-4
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        attnpack.FreeNoiseAttention(context_length=3, context_stride=2),
+        attnpack.FreeLongAttention(local_window=3),
+    ],
+)
+def test_wan_long_video(method):
+    from attnpack.api import STATE_ATTR
+
+    pipe = tiny_pipeline(WAN)
+    kwargs = tiny_call_kwargs(WAN) | {"num_inference_steps": 1, "output_type": "pt"}
+    kwargs.pop("num_frames", None)
+    out = long_video(
+        pipe, "a fox", num_frames=33, method=method, generator=torch.Generator().manual_seed(0), **kwargs
+    )
+    assert out.frames.shape[1] == 33 and torch.isfinite(out.frames).all()
+    assert getattr(pipe, STATE_ATTR, None) is None
+    with pytest.raises(ValueError, match="frame-keyed prompts run on AnimateDiff"):
+        long_video(pipe, {0: "a", 8: "b"}, num_frames=33, **kwargs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_windowed_kernel_at_animatediff_size(dtype):
+    """The 32 x 32 motion-module level of AnimateDiff 512², 64 frames: 2 x 1024 sequences, 8 heads of 80."""
+    q, k, v = (torch.randn(2048, 64, 8, 80, device="cuda", dtype=dtype) for _ in range(3))
+    offsets = tuple(torch.randn(16, 8, 80, device="cuda", dtype=dtype) for _ in range(3))
+    windows, weights = frame_windows(64, 16, 4), window_weights(16, "pyramid")
+    out = windowed_attention(q, k, v, windows, weights, offsets=offsets)
+    expected = windowed_attention(q, k, v, windows, weights, offsets=offsets, backend="reference")
+    assert max_diff(out, expected) < {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]

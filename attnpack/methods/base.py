@@ -29,6 +29,7 @@ class AttentionMethod:
     name: ClassVar[str] = ""
     families: ClassVar[tuple[str, ...]] = ()  # family names the method acts on
     roles: ClassVar[frozenset[Role]] = frozenset()  # layer roles it acts on
+    family_roles: ClassVar[dict[str, frozenset[Role]]] = {}  # where a family's roles differ from `roles`
     needs_context: ClassVar[bool] = False  # needs attnpack.attach (grids, steps, text spans)
 
     # The union of the families' processor signatures. diffusers' `Attention` forwards only keyword
@@ -62,15 +63,14 @@ class AttentionMethod:
             )
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
         reduction = None
-        if site is not None and site.family.name in self.families and site.role in self.roles:
+        if site is not None and self.acts_on(site.family.name, site.role):
             hidden_states, reduction = self.reduce_tokens(
                 attn, site, hidden_states, encoder_hidden_states, attention_mask
             )
         call = adapter.project(attn, site, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
         call.reduction = reduction
         family = site.family.name if site is not None else adapter.name
-        acts = family in self.families and call.layout.role in self.roles
-        out = self.attend(call) if acts else dense(call)
+        out = self.attend(call) if self.acts_on(family, call.layout.role) else dense(call)
         extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
         result = adapter.finish(call, out, extra_out)
         return result if reduction is None else self.restore_tokens(reduction, result)
@@ -78,6 +78,11 @@ class AttentionMethod:
     def attend(self, call: AttnCall) -> torch.Tensor:
         """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    @classmethod
+    def acts_on(cls, family: str, role: Role) -> bool:
+        """Whether the method acts on layers of this role in this family."""
+        return family in cls.families and role in cls.family_roles.get(family, cls.roles)
 
     def reduce_tokens(
         self,

@@ -9,6 +9,10 @@ is `reschedule_noise`; `attnpack.pipelines.long_video` puts both together, with 
 diffusers' `enable_free_noise` fuses the windows once per transformer block (after both temporal
 attentions); attnpack fuses each temporal attention, as the paper describes. The two agree wherever the
 video fits one window; the rescheduled noise and the prompt interpolation agree everywhere (tested).
+
+On Wan (video self-attention over frames x height x width tokens) the windows are `context_length` latent
+frames (Wan 2.1 trained on 21: 81 frames), each a contiguous slice of the token sequence attended on its
+own; RoPE is relative, so a window needs no positions of its own.
 """
 
 from __future__ import annotations
@@ -107,8 +111,12 @@ class FreeNoiseAttention(AttentionMethod):
     weighting: str = "pyramid"
 
     name: ClassVar[str] = "freenoise"
-    families: ClassVar[tuple[str, ...]] = ("unet",)
-    roles: ClassVar[frozenset[Role]] = frozenset({Role.TEMPORAL})
+    families: ClassVar[tuple[str, ...]] = ("unet", "wan")
+    roles: ClassVar[frozenset[Role]] = frozenset({Role.TEMPORAL, Role.SELF})
+    family_roles: ClassVar[dict[str, frozenset[Role]]] = {
+        "unet": frozenset({Role.TEMPORAL}),
+        "wan": frozenset({Role.SELF}),
+    }
 
     def __post_init__(self):
         owner = "FreeNoiseAttention"
@@ -126,12 +134,15 @@ class FreeNoiseAttention(AttentionMethod):
         trained = table_length(call.module)
         if trained is None:
             raise RuntimeError(
-                "FreeNoiseAttention(context_length=None) reads the motion module's trained length from its "
-                "positions: apply it with attnpack.apply(pipe, ...), or pass context_length"
+                "FreeNoiseAttention(context_length=None) reads an AnimateDiff motion module's trained length from "
+                "its positions (apply it with attnpack.apply(pipe, ...)); for a video DiT pass context_length in "
+                "latent frames (Wan 2.1: 21)"
             )
         return trained
 
     def attend(self, call: AttnCall) -> torch.Tensor:
+        if call.layout.role is Role.SELF:
+            return self.attend_video_tokens(call)
         frames = call.query.shape[1]
         windows = frame_windows(frames, self.window_length(call), self.context_stride)
         length = windows[0][1] - windows[0][0]
@@ -148,4 +159,25 @@ class FreeNoiseAttention(AttentionMethod):
             window_weights(length, self.weighting),
             offsets=offsets,
             scale=call.scale,
+        )
+
+    def attend_video_tokens(self, call: AttnCall) -> torch.Tensor:
+        grid = call.layout.grid
+        if grid is None or len(grid) != 3:
+            raise RuntimeError(f"FreeNoiseAttention: no video grid for {call.site.name}; attach the pipeline")
+        if call.attn_mask is not None:
+            raise RuntimeError(
+                f"FreeNoiseAttention: {call.site.name} has an attention mask; windows cannot honour it"
+            )
+        frames, height, width = grid
+        windows = frame_windows(frames, self.window_length(call), self.context_stride)
+        length = windows[0][1] - windows[0][0]
+        return windowed_attention(
+            call.query,
+            call.key,
+            call.value,
+            windows,
+            window_weights(length, self.weighting),
+            scale=call.scale,
+            tokens_per_frame=height * width,
         )

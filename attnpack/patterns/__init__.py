@@ -10,6 +10,7 @@ from .block_sparse import (
     default_blocks,
 )
 from .clear import clear_window
+from .frame_band import frame_band
 from .radial import radial
 from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
 
@@ -23,6 +24,7 @@ __all__ = [
     "clear_window",
     "concat_orders",
     "default_blocks",
+    "frame_band",
     "grid_coordinates",
     "identity_order",
     "inverse_order",

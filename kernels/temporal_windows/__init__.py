@@ -3,7 +3,9 @@
 `windowed_attention(q, k, v, windows, weights, offsets=None)` runs attention over (B, F, H, D) frames in
 every window of `windows` (equal lengths L), each window with the position offsets (L, H, D) added to its
 q, k and v, and returns each frame's weighted mean over its windows. On CUDA the Triton kernel does it in
-one pass; elsewhere the torch reference stacks the windows into one SDPA call.
+one pass; elsewhere the torch reference stacks the windows into one SDPA call. For a video DiT the
+sequence is frames of `tokens_per_frame` tokens each; every window is then a contiguous slice, attended by
+SDPA on its own (FlashAttention on CUDA).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ def windowed_attention(
     *,
     offsets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     scale: float | None = None,
+    tokens_per_frame: int = 1,
     backend: str | None = None,
 ) -> torch.Tensor:
     if query.ndim != 4 or query.shape != key.shape or key.shape != value.shape:
@@ -32,7 +35,13 @@ def windowed_attention(
             f"{tuple(key.shape)}, {tuple(value.shape)}"
         )
     lengths = {end - start for start, end in windows}
-    frames = query.shape[1]
+    if query.shape[1] % tokens_per_frame:
+        raise ValueError(
+            f"windowed_attention: {query.shape[1]} tokens are not frames of tokens_per_frame={tokens_per_frame}"
+        )
+    if tokens_per_frame > 1 and offsets is not None:
+        raise ValueError("windowed_attention: position offsets apply to one token per frame only")
+    frames = query.shape[1] // tokens_per_frame
     if not windows or len(lengths) != 1 or any(s < 0 or e > frames or s >= e for s, e in windows):
         raise ValueError(
             f"windowed_attention: windows={windows} must be non-empty, equal-length, inside {frames} frames"
@@ -43,8 +52,10 @@ def windowed_attention(
             f"windowed_attention: weights must hold {length} values (one per window frame), got {tuple(weights.shape)}"
         )
     interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    backend = backend or ("triton" if query.is_cuda else "reference")
+    backend = backend or ("triton" if query.is_cuda and tokens_per_frame == 1 else "reference")
     if backend == "triton":
+        if tokens_per_frame > 1:
+            raise ValueError("windowed_attention: backend='triton' runs one token per frame; use 'reference'")
         if not (query.is_cuda or interpreting):
             raise ValueError(
                 "windowed_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)"
@@ -53,7 +64,16 @@ def windowed_attention(
 
         return windowed_attention_triton(query, key, value, windows, weights, offsets=offsets, scale=scale)
     if backend == "reference":
-        return windowed_attention_reference(query, key, value, windows, weights, offsets=offsets, scale=scale)
+        return windowed_attention_reference(
+            query,
+            key,
+            value,
+            windows,
+            weights,
+            offsets=offsets,
+            scale=scale,
+            tokens_per_frame=tokens_per_frame,
+        )
     raise ValueError(f"windowed_attention: backend={backend!r} is not one of 'triton', 'reference'")
 
 
