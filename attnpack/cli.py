@@ -28,6 +28,10 @@ def system_info() -> dict[str, Any]:
                 "class": cls.__name__,
                 "families": list(cls.families),
                 "roles": sorted(role.value for role in cls.roles),
+                "roles_by_family": {
+                    family: sorted(role.value for role in cls.family_roles.get(family, cls.roles))
+                    for family in cls.families
+                },
             }
             for name, cls in METHODS.items()
         },
@@ -59,7 +63,12 @@ def format_info(info: dict[str, Any]) -> str:
     lines += ["", "methods:"]
     for name, method in info["methods"].items():
         lines.append(f"  {name:<13} {method['class']:<22} families: {', '.join(method['families'])}")
-        lines.append(f"  {'':<13} {'':<22} layers:   {', '.join(method['roles'])}")
+        by_family = method["roles_by_family"]
+        if len({tuple(roles) for roles in by_family.values()}) > 1:
+            layers = "; ".join(f"{family}: {', '.join(roles)}" for family, roles in by_family.items())
+        else:
+            layers = ", ".join(method["roles"])
+        lines.append(f"  {'':<13} {'':<22} layers:   {layers}")
     lines += ["", "families:"]
     for name, family in info["families"].items():
         lines.append(f"  {name:<14} {family['title']}")
@@ -136,6 +145,21 @@ def main(argv: list[str] | None = None) -> int:
     agent_bench.add_argument(
         "--repeats", type=int, default=5, help="timed UNet forwards per setting (median)"
     )
+    temporal_bench = bench_commands.add_parser(
+        "temporal", help="AnimateDiff temporal attention: FreeLong one pass, FreeNoise fused windows"
+    )
+    temporal_bench.add_argument(
+        "--geometry", dest="names", nargs="+", metavar="NAME", help="default: the three motion-module levels"
+    )
+    temporal_bench.add_argument(
+        "--device", help="cuda (default when present) or cpu (the tiny geometry only)"
+    )
+    temporal_bench.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/temporal-<device>.json)"
+    )
+    temporal_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    temporal_bench.add_argument("--warmup-ms", type=float, default=25.0)
+    temporal_bench.add_argument("--rep-ms", type=float, default=100.0)
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")

@@ -17,7 +17,7 @@ from .backend import ENV_VAR, current_backend, set_backend, use_backend
 from .bipartite_match import best_match
 from .block_sparse_attention import block_sparse_attention
 from .dense import dense_attention
-from .temporal_windows import windowed_attention
+from .temporal_windows import global_local_attention, local_window_attention, windowed_attention
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,8 @@ __all__ = [
     "block_sparse_attention",
     "current_backend",
     "dense_attention",
+    "global_local_attention",
+    "local_window_attention",
     "set_backend",
     "use_backend",
     "windowed_attention",

@@ -129,3 +129,19 @@ def test_every_suite_runs_from_the_command_line(suite, flag, extra, tmp_path, ca
     assert f"wrote {tmp_path / f'{suite}-cpu.json'}" in capsys.readouterr().out
     assert main(argv) == 2  # the result is there: not overwritten
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_temporal_benchmark_on_the_smoke_geometry(tmp_path):
+    from attnpack.bench import temporal
+
+    path = temporal.run(["tiny"], device="cpu", out=tmp_path, rep_ms=1)
+    (record,) = json.loads(path.read_text())["geometries"]
+    rows = {row["implementation"]: row for row in record["rows"]}
+    assert all(row["ms"] > 0 for row in rows.values()) and len(rows) == 6
+    assert set(record["summary"]) == {
+        "freelong: attnpack one pass vs two sdpa calls",
+        "freelong: attnpack one pass + positions vs two sdpa calls",
+        "freenoise fused vs stacked",
+    }
+    with pytest.raises(ValueError, match="Use --geometry tiny"):
+        temporal.run(["animatediff-512-64f-level0"], device="cpu", out=tmp_path)

@@ -8,8 +8,8 @@ import torch
 from helpers import max_diff, run_tiny, tiny_pipeline
 
 import attnpack
-from attnpack.kernels import windowed_attention
-from attnpack.methods.freelong import gaussian_low_pass, local_window_attention, spectral_blend
+from attnpack.kernels import global_local_attention, local_window_attention, windowed_attention
+from attnpack.methods.freelong import gaussian_low_pass, spectral_blend
 from attnpack.methods.freenoise import reschedule_noise, window_weights
 from attnpack.methods.temporal import POSITIONS_ATTR, DeferredPositions, frame_windows
 from attnpack.pipelines import frame_embeddings, keyframe_prompts, long_video, tiny_call_kwargs
@@ -101,12 +101,38 @@ def test_windowed_kernel_matches_reference(frames, length, stride, dim, with_off
     assert out.dtype == dtype and max_diff(out, expected) < tolerance
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "frames, window, dim, with_offsets",
+    [(9, 4, 8, True), (24, 16, 40, True), (40, 16, 64, False), (64, 16, 80, True), (17, 17, 16, True)],
+)
+def test_global_local_kernel_matches_reference(frames, window, dim, with_offsets, dtype):
+    torch.manual_seed(6)
+    q, k, v = (torch.randn(2, frames, 2, dim).to(dtype) for _ in range(3))
+    offsets = {}
+    if with_offsets:
+        offsets = {
+            "global_offsets": tuple(torch.randn(frames, 2, dim) for _ in range(3)),
+            "local_offsets": tuple(torch.randn(window, 2, dim) for _ in range(3)),
+        }
+    out_g, out_l = global_local_attention(q, k, v, window, backend="triton", **offsets)
+    ref_g, ref_l = global_local_attention(
+        q.float(), k.float(), v.float(), window, backend="reference", **offsets
+    )
+    tolerance = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2}[dtype]
+    assert max_diff(out_g, ref_g) < tolerance and max_diff(out_l, ref_l) < tolerance
+
+
 def test_windowed_attention_rejects_bad_windows():
     q = torch.randn(1, 8, 1, 4)
     with pytest.raises(ValueError, match="equal-length"):
         windowed_attention(q, q, q, [(0, 4), (4, 7)], torch.ones(4))
     with pytest.raises(ValueError, match="weights must hold 4 values"):
         windowed_attention(q, q, q, [(0, 4), (4, 8)], torch.ones(3))
+    with pytest.raises(ValueError, match=r"window=9 must be an integer in \[1, 8\]"):
+        global_local_attention(q, q, q, 9)
+    with pytest.raises(ValueError, match="both global_offsets and local_offsets"):
+        global_local_attention(q, q, q, 4, global_offsets=(q[0], q[0], q[0]))
 
 
 def test_reschedule_noise_by_hand():
@@ -473,3 +499,18 @@ def test_gpu_windowed_kernel_at_animatediff_size(dtype):
     out = windowed_attention(q, k, v, windows, weights, offsets=offsets)
     expected = windowed_attention(q, k, v, windows, weights, offsets=offsets, backend="reference")
     assert max_diff(out, expected) < {torch.float16: 5e-3, torch.bfloat16: 3e-2}[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("with_offsets", [False, True])
+def test_gpu_global_local_kernel_at_animatediff_size(with_offsets):
+    q, k, v = (torch.randn(2048, 64, 8, 80, device="cuda", dtype=torch.float16) for _ in range(3))
+    offsets = {}
+    if with_offsets:
+        offsets = {
+            "global_offsets": tuple(torch.randn(64, 8, 80, device="cuda") for _ in range(3)),
+            "local_offsets": tuple(torch.randn(16, 8, 80, device="cuda") for _ in range(3)),
+        }
+    out = global_local_attention(q, k, v, 16, **offsets)
+    expected = global_local_attention(q, k, v, 16, backend="reference", **offsets)
+    assert max_diff(out[0], expected[0]) < 5e-3 and max_diff(out[1], expected[1]) < 5e-3

@@ -28,11 +28,11 @@ from typing import Any, ClassVar
 import torch
 
 from ..families.base import AttnCall
-from ..kernels import block_sparse_attention, dense_attention
+from ..kernels import block_sparse_attention, dense_attention, global_local_attention
 from ..layout import Role
 from ..patterns.frame_band import frame_band
 from .base import AttentionMethod, check_choice, check_number
-from .temporal import centered_windows, defer_positions, position_offsets, table_length
+from .temporal import defer_positions, position_offsets, table_length
 
 logger = logging.getLogger("attnpack")
 
@@ -74,40 +74,6 @@ def spectral_blend(
         mixed = mixed + spectrum * (total - taken)
     blended = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=dims), dim=dims).real
     return blended.to(outputs[0].dtype)
-
-
-def local_window_attention(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    window: int,
-    *,
-    offsets: tuple[torch.Tensor, ...] | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Every frame of (B, F, H, D) attends exactly the `window` frames of the window around it (shifted
-    inside at the ends); `offsets` (window, H, D) are the positions 0..window-1 inside each window."""
-    batch, frames, heads, dim = query.shape
-    window = min(window, frames)
-    scale = dim**-0.5 if scale is None else scale
-    starts = centered_windows(frames, window).to(query.device)  # (F,)
-    band = starts[:, None] + torch.arange(window, device=query.device)  # (F, window)
-    q, k, v = query.float(), key.float(), value.float()
-    if offsets is not None:
-        q_offset, k_offset, v_offset = (o.float() for o in offsets)
-        q = q + q_offset[torch.arange(frames, device=q.device) - starts]
-    scores = torch.einsum("bihd,bjhd->bhij", q, k)  # every pair, then the band picked out
-    scores = scores.gather(-1, band.expand(batch, heads, frames, window))
-    if offsets is not None:
-        scores = scores + torch.einsum("bihd,jhd->bhij", q, k_offset[:window])
-    probs = (scores * scale).softmax(dim=-1)
-    full = torch.zeros(batch, heads, frames, frames, device=q.device).scatter(
-        -1, band.expand(batch, heads, frames, window), probs
-    )
-    out = torch.einsum("bhij,bjhd->bihd", full, v)
-    if offsets is not None:
-        out = out + torch.einsum("bhij,jhd->bihd", probs, v_offset[:window])
-    return out.to(query.dtype)
 
 
 @dataclass(eq=False, repr=False)
@@ -174,26 +140,30 @@ class FreeLongAttention(AttentionMethod):
             )
         if call.layout.role is Role.SELF:
             return self.attend_video_tokens(call)
-        query, key, value = call.query, call.key, call.value
-        frames = query.shape[1]
-        offsets = position_offsets(call.module, self.global_positions(call, frames))
-        if offsets is not None:
-            query, key, value = (x + o.to(x.dtype) for x, o in zip((query, key, value), offsets, strict=True))
-        global_out = dense_attention(query, key, value, scale=call.scale)
+        frames = call.query.shape[1]
+        global_offsets = position_offsets(call.module, self.global_positions(call, frames))
         spatial = call.layout.batch_grid
         ctx = call.context
         highest = spatial is not None and ctx.grid is not None and tuple(spatial) == tuple(ctx.grid[-2:])
         windows = self.windows(frames)
         if not windows or (self.skip_highest_resolution and highest):
-            return global_out
-        branches = [global_out]
-        for window in windows:
-            local_offsets = position_offsets(call.module, torch.arange(window))
-            branches.append(
-                local_window_attention(
-                    call.query, call.key, call.value, window, offsets=local_offsets, scale=call.scale
+            query, key, value = call.query, call.key, call.value
+            if global_offsets is not None:
+                query, key, value = (
+                    x + o.to(x.dtype) for x, o in zip((query, key, value), global_offsets, strict=True)
                 )
+            return dense_attention(query, key, value, scale=call.scale)
+        branches = []
+        for window in windows:  # widest first; the kernel gives the global output with each local one
+            local_offsets = (
+                None if global_offsets is None else position_offsets(call.module, torch.arange(window))
             )
+            global_out, local_out = global_local_attention(
+                call.query, call.key, call.value, window,
+                global_offsets=global_offsets, local_offsets=local_offsets, scale=call.scale,
+            )  # fmt: skip
+            branches = branches or [global_out]
+            branches.append(local_out)
         if spatial is None:
             logger.info(
                 "FreeLongAttention: no spatial grid for %s, blending over frames only", call.site.name

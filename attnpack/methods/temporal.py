@@ -88,11 +88,3 @@ def frame_windows(num_frames: int, length: int, stride: int) -> list[tuple[int, 
     if windows[-1][1] < num_frames:
         windows.append((num_frames - length, num_frames))
     return windows
-
-
-def centered_windows(num_frames: int, length: int) -> torch.Tensor:
-    """Per frame, the first frame of the `length`-frame window around it, shifted inside at the ends."""
-    frames = torch.arange(num_frames)
-    if num_frames <= length:
-        return torch.zeros(num_frames, dtype=torch.long)
-    return (frames - length // 2).clamp(0, num_frames - length)

@@ -1,4 +1,5 @@
-"""Window-fused attention over frames, for many short temporal sequences (FreeNoise).
+"""Attention over frames for many short temporal sequences: FreeNoise's fused windows, FreeLong's global and
+local branches.
 
 `windowed_attention(q, k, v, windows, weights, offsets=None)` runs attention over (B, F, H, D) frames in
 every window of `windows` (equal lengths L), each window with the position offsets (L, H, D) added to its
@@ -14,7 +15,7 @@ import os
 
 import torch
 
-from .reference import windowed_attention_reference
+from .reference import global_local_attention_reference, local_window_attention, windowed_attention_reference
 
 
 def windowed_attention(
@@ -77,4 +78,57 @@ def windowed_attention(
     raise ValueError(f"windowed_attention: backend={backend!r} is not one of 'triton', 'reference'")
 
 
-__all__ = ["windowed_attention", "windowed_attention_reference"]
+def global_local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    *,
+    global_offsets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    local_offsets: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FreeLong's branches over frames (B, F, H, D): (global output, local output). The local branch sees the
+    `window` frames around each frame, shifted inside at the ends. Offsets (position projections) come
+    together or not at all: global (F, H, D) by frame, local (window, H, D) by place in the window. On CUDA
+    one Triton pass computes both (up to 128 frames); elsewhere the torch reference."""
+    if query.ndim != 4 or query.shape != key.shape or key.shape != value.shape:
+        raise ValueError(
+            f"global_local_attention: q, k, v must be (B, F, H, D) of one shape; got {tuple(query.shape)}, "
+            f"{tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    frames = query.shape[1]
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= frames:
+        raise ValueError(f"global_local_attention: window={window!r} must be an integer in [1, {frames}]")
+    if (global_offsets is None) != (local_offsets is None):
+        raise ValueError("global_local_attention: pass both global_offsets and local_offsets, or neither")
+    from .global_local import MAX_FRAMES
+
+    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    backend = backend or ("triton" if query.is_cuda and frames <= MAX_FRAMES else "reference")
+    if backend == "triton":
+        if not (query.is_cuda or interpreting) or frames > MAX_FRAMES:
+            raise ValueError(
+                f"global_local_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and at most "
+                f"{MAX_FRAMES} frames; got {query.device.type}, {frames} frames"
+            )
+        from .global_local import global_local_attention_triton
+
+        return global_local_attention_triton(
+            query, key, value, window, global_offsets=global_offsets, local_offsets=local_offsets, scale=scale
+        )
+    if backend == "reference":
+        return global_local_attention_reference(
+            query, key, value, window, global_offsets=global_offsets, local_offsets=local_offsets, scale=scale
+        )
+    raise ValueError(f"global_local_attention: backend={backend!r} is not one of 'triton', 'reference'")
+
+
+__all__ = [
+    "global_local_attention",
+    "global_local_attention_reference",
+    "local_window_attention",
+    "windowed_attention",
+    "windowed_attention_reference",
+]

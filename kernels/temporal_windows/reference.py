@@ -7,6 +7,13 @@ import torch
 from ..dense import dense_attention
 
 
+def centered_windows(num_frames: int, length: int) -> torch.Tensor:
+    """Per frame, the first frame of the `length`-frame window around it, shifted inside at the ends."""
+    if num_frames <= length:
+        return torch.zeros(num_frames, dtype=torch.long)
+    return (torch.arange(num_frames) - length // 2).clamp(0, num_frames - length)
+
+
 def windowed_attention_reference(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -58,3 +65,53 @@ def _frame_slices(query, key, value, windows, weights, scale, tokens) -> torch.T
         fused[:, part] += out.float() * w.repeat_interleave(tokens)[None, :, None, None]
         total[start:end] += w
     return (fused / total.repeat_interleave(tokens)[None, :, None, None]).to(query.dtype)
+
+
+def local_window_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    window: int,
+    *,
+    offsets: tuple[torch.Tensor, ...] | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Every frame of (B, F, H, D) attends exactly the `window` frames of the window around it (shifted
+    inside at the ends); `offsets` (window, H, D) are the positions 0..window-1 inside each window."""
+    batch, frames, heads, dim = query.shape
+    window = min(window, frames)
+    scale = dim**-0.5 if scale is None else scale
+    starts = centered_windows(frames, window).to(query.device)  # (F,)
+    band = starts[:, None] + torch.arange(window, device=query.device)  # (F, window)
+    q, k, v = query.float(), key.float(), value.float()
+    if offsets is not None:
+        q_offset, k_offset, v_offset = (o.float() for o in offsets)
+        q = q + q_offset[torch.arange(frames, device=q.device) - starts]
+    scores = torch.einsum("bihd,bjhd->bhij", q, k)  # every pair, then the band picked out
+    scores = scores.gather(-1, band.expand(batch, heads, frames, window))
+    if offsets is not None:
+        scores = scores + torch.einsum("bihd,jhd->bhij", q, k_offset[:window])
+    probs = (scores * scale).softmax(dim=-1)
+    full = torch.zeros(batch, heads, frames, frames, device=q.device).scatter(
+        -1, band.expand(batch, heads, frames, window), probs
+    )
+    out = torch.einsum("bhij,bjhd->bihd", full, v)
+    if offsets is not None:
+        out = out + torch.einsum("bhij,jhd->bihd", probs, v_offset[:window])
+    return out.to(query.dtype)
+
+
+def global_local_attention_reference(
+    query, key, value, window, *, global_offsets=None, local_offsets=None, scale=None
+):
+    """FreeLong's two branches: attention over every frame (with `global_offsets` (F, H, D) added to q, k,
+    v) and over the window around each frame (`local_offsets` (window, H, D) by place in the window)."""
+    if global_offsets is not None:
+        query_g, key_g, value_g = (
+            x + o.to(x.dtype) for x, o in zip((query, key, value), global_offsets, strict=True)
+        )
+    else:
+        query_g, key_g, value_g = query, key, value
+    global_out = dense_attention(query_g, key_g, value_g, scale=scale)
+    local_out = local_window_attention(query, key, value, window, offsets=local_offsets, scale=scale)
+    return global_out, local_out
