@@ -1,6 +1,6 @@
-"""Long videos from short-video models: FreeNoise / FreeLong attention and rescheduled noise, on AnimateDiff
-(with prompts that change along the video, `{frame: prompt}`, interpolated between the keyframes) and on
-Wan 2.1 / 2.2 (one prompt; windows in latent frames)."""
+"""Long videos from short-video models: FreeNoise / FreeLong attention, rescheduled noise and prompts that
+change along the video (`{frame: prompt}`, interpolated between the keyframes), on AnimateDiff and on
+Wan 2.1 / 2.2 text-to-video (windows and prompts in latent frames)."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def long_video(
     `FreeNoiseAttention()` on AnimateDiff, `FreeNoiseAttention(context_length=21, context_stride=5)` on Wan,
     whose windows count latent frames; also `FreeLongAttention(...)`), noise rescheduled (`noise`:
     "shuffle", "repeat", "random") with the method's window (the defaults' for methods without one), prompts
-    per frame (AnimateDiff). Other keyword arguments go to the pipeline (num_inference_steps,
+    per frame (on Wan rounded to latent frames). Other keyword arguments go to the pipeline (num_inference_steps,
     guidance_scale, output_type, ...). Returns its output; `pipe` is left as it was.
 
     `motion_injection` is FreeNoise's multi-prompt recipe: outside the middle of the run (steps before the
@@ -110,13 +110,14 @@ def long_video(
     if not 0 <= early <= late <= 1:
         raise ValueError(f"injection_steps={injection_steps!r} must be two fractions 0 <= a <= b <= 1")
     if is_wan:
-        if not isinstance(prompt, str) or not isinstance(negative_prompt, str | None) or motion_injection:
+        if not isinstance(negative_prompt, str | None) or motion_injection:
             raise ValueError(
-                "long_video on Wan takes one prompt and one negative prompt (strings) and no motion_injection; "
-                "frame-keyed prompts run on AnimateDiff"
+                "long_video on Wan takes one negative prompt (a string) and no motion_injection (an AnimateDiff "
+                "recipe: its encoder / decoder split has no Wan counterpart)"
             )
+        prompts = keyframe_prompts(prompt, num_frames)
         return _wan(
-            pipe, prompt, negative_prompt, num_frames, method, noise, generator, height, width, kwargs
+            pipe, prompts, negative_prompt, num_frames, method, noise, generator, height, width, kwargs
         )
     prompts = keyframe_prompts(prompt, num_frames)
     negatives = keyframe_prompts(negative_prompt or "", num_frames, "negative_prompt")
@@ -201,7 +202,7 @@ def rescheduled_noise(shape, method, noise, generator, device, dtype, default_wi
     return reschedule_noise(latents, length, stride, noise, generator)  # the pipeline scales it
 
 
-def _wan(pipe, prompt, negative_prompt, num_frames, method, noise, generator, height, width, kwargs):
+def _wan(pipe, prompts, negative_prompt, num_frames, method, noise, generator, height, width, kwargs):
     height, width = height or 480, width or 832
     batch = len(generator) if isinstance(generator, list) else 1
     latent_frames = (num_frames - 1) // pipe.vae_scale_factor_temporal + 1
@@ -211,10 +212,20 @@ def _wan(pipe, prompt, negative_prompt, num_frames, method, noise, generator, he
         shape, method, noise, generator, pipe._execution_device, torch.float32, (21, 5)
     )
     was_attached = getattr(pipe, STATE_ATTR, None) is not None
+    hooks = []
+    if len(prompts) > 1 and pipe.transformer.config.image_dim is not None:
+        raise ValueError(
+            "long_video: frame-keyed prompts run on Wan text-to-video; image-to-video takes one prompt"
+        )
+    if len(prompts) > 1:
+        prompt_embeds, hooks = _wan_frame_prompts(pipe, prompts, latent_frames, batch, kwargs)
+        text = {"prompt_embeds": prompt_embeds}
+    else:
+        text = {"prompt": [prompts[0]] * batch}
     try:
         with apply(pipe, method):
             return pipe(
-                prompt=[prompt] * batch,
+                **text,
                 negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
                 latents=latents,
                 num_frames=num_frames,
@@ -224,5 +235,56 @@ def _wan(pipe, prompt, negative_prompt, num_frames, method, noise, generator, he
                 **kwargs,
             )
     finally:
+        for hook in hooks:
+            hook.remove()
         if not was_attached:
             remove(pipe)
+
+
+def _wan_frame_prompts(pipe, prompts: dict[int, str], latent_frames: int, batch: int, kwargs: dict):
+    """Prompts per latent frame on Wan: keyframes rounded to latent frames (4 video frames each) and
+    interpolated between; the conditional pass's cross-attention then runs per frame (each frame's tokens
+    as their own batch row, with their frame's text). Returns the first keyframe's embeddings for the
+    pipeline and the hooks to remove."""
+    device = pipe._execution_device
+    length = kwargs.get("max_sequence_length", 512)
+    keyframes, _ = pipe.encode_prompt(
+        list(prompts.values()), do_classifier_free_guidance=False, max_sequence_length=length, device=device
+    )
+    latent_keys = {round(frame / pipe.vae_scale_factor_temporal): i for i, frame in enumerate(prompts)}
+    per_frame = frame_embeddings(keyframes[list(latent_keys.values())], list(latent_keys), latent_frames)
+    first = keyframes[:1].expand(batch, -1, -1)
+    state: dict[str, Any] = {"text": None, "projected": {}}
+
+    def pick_pass(module, args, inputs):
+        text = inputs.get("encoder_hidden_states")
+        conditional = text is not None and torch.equal(text, first.to(text.dtype))
+        if conditional and module not in state["projected"]:
+            embedder = module.condition_embedder.text_embedder
+            state["projected"][module] = embedder(per_frame.to(text.device, text.dtype))
+        state["text"] = state["projected"][module] if conditional else None
+
+    def per_frame_in(module, args):
+        if state["text"] is None:
+            return None
+        hidden = args[0]
+        rows = hidden.shape[0] * latent_frames
+        state["shape"] = hidden.shape
+        text = state["text"].repeat(hidden.shape[0], 1, 1)
+        return (hidden.reshape(rows, -1, hidden.shape[-1]), text, *args[2:])
+
+    def per_frame_out(module, args, output):
+        if state["text"] is None:
+            return None
+        return output.reshape(state["shape"])
+
+    hooks = []
+    for name in ("transformer", "transformer_2"):
+        model = getattr(pipe, name, None)
+        if model is None:
+            continue
+        hooks.append(model.register_forward_pre_hook(pick_pass, with_kwargs=True))
+        for block in model.blocks:
+            hooks.append(block.attn2.register_forward_pre_hook(per_frame_in))
+            hooks.append(block.attn2.register_forward_hook(per_frame_out))
+    return first, hooks

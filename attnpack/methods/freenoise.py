@@ -6,9 +6,9 @@ with the frame positions 0..L-1 the module was trained with, and every frame's o
 its windows' outputs, weighted by its place in each window (`weighting`). The paper's noise rescheduling
 is `reschedule_noise`; `attnpack.pipelines.long_video` puts both together, with prompts per frame.
 
-diffusers' `enable_free_noise` fuses the windows once per transformer block (after both temporal
-attentions); attnpack fuses each temporal attention, as the paper describes. The two agree wherever the
-video fits one window; the rescheduled noise and the prompt interpolation agree everywhere (tested).
+`fusion="attention"` (default) fuses each temporal attention, as the paper describes; `fusion="block"`
+fuses once per motion-module transformer block, after both temporal attentions, as diffusers'
+`enable_free_noise` does (and then equals it, tested, where diffusers fuses every window fully).
 
 On Wan (video self-attention over frames x height x width tokens) the windows are `context_length` latent
 frames (Wan 2.1 trained on 21: 81 frames), each a contiguous slice of the token sequence attended on its
@@ -17,19 +17,22 @@ own; RoPE is relative, so a window needs no positions of its own.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from ..context import SITE_ATTR
 from ..families.base import AttnCall
 from ..kernels import windowed_attention
 from ..layout import Role
-from .base import AttentionMethod, check_choice, check_number
+from .base import AttentionMethod, check_choice, check_number, dense
 from .temporal import defer_positions, frame_windows, position_offsets, table_length
 
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
 NOISE = ("shuffle", "repeat", "random")
+FUSIONS = ("attention", "block")
 
 
 def window_weights(length: int, weighting: str = "pyramid") -> torch.Tensor:
@@ -109,6 +112,7 @@ class FreeNoiseAttention(AttentionMethod):
     context_length: int | None = 16
     context_stride: int = 4
     weighting: str = "pyramid"
+    fusion: str = "attention"
 
     name: ClassVar[str] = "freenoise"
     families: ClassVar[tuple[str, ...]] = ("unet", "wan")
@@ -124,14 +128,45 @@ class FreeNoiseAttention(AttentionMethod):
             check_number(owner, "context_length", self.context_length, low=1, integer=True)
         check_number(owner, "context_stride", self.context_stride, low=1, integer=True)
         check_choice(owner, "weighting", self.weighting, WEIGHTINGS)
+        check_choice(owner, "fusion", self.fusion, FUSIONS)
 
     def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
+        if self.fusion == "block":
+            return self.fuse_blocks(processors, denoisers)
         return defer_positions(processors, denoisers)
 
-    def window_length(self, call: AttnCall) -> int:
+    def fuse_blocks(self, processors, denoisers):
+        """fusion="block": each motion-module transformer block runs its attentions per window and fuses
+        the windows before its feed-forward (its forward is wrapped on the instance; undo unwraps it)."""
+        blocks = {}
+        for module in processors:
+            site = getattr(module, SITE_ATTR, None)
+            if site is None or site.role is not Role.TEMPORAL:
+                continue
+            block = denoisers[site.denoiser].get_submodule(site.local_name.rsplit(".", 1)[0])
+            if getattr(block, "norm_type", None) != "layer_norm":
+                raise ValueError(
+                    f"FreeNoiseAttention(fusion='block') needs layer-norm transformer blocks; {site.name} sits in "
+                    f"a {type(block).__name__} with norm_type={getattr(block, 'norm_type', None)!r}"
+                )
+            blocks[id(block)] = block
+        for block in blocks.values():
+            block.forward = functools.partial(_window_fused_block, block, self, block.forward)
+
+        def undo():
+            for block in blocks.values():
+                del block.forward
+
+        return undo
+
+    def window_length(self, call: AttnCall | None, block: torch.nn.Module | None = None) -> int:
         if self.context_length is not None:
             return self.context_length
-        trained = table_length(call.module)
+        positions = getattr(block, "pos_embed", None)
+        if positions is not None:
+            trained = positions.pe.shape[1]
+        else:
+            trained = table_length(call.module) if call is not None else None
         if trained is None:
             raise RuntimeError(
                 "FreeNoiseAttention(context_length=None) reads an AnimateDiff motion module's trained length from "
@@ -143,6 +178,8 @@ class FreeNoiseAttention(AttentionMethod):
     def attend(self, call: AttnCall) -> torch.Tensor:
         if call.layout.role is Role.SELF:
             return self.attend_video_tokens(call)
+        if self.fusion == "block":  # the block runs this attention per window already
+            return dense(call)
         frames = call.query.shape[1]
         windows = frame_windows(frames, self.window_length(call), self.context_stride)
         length = windows[0][1] - windows[0][0]
@@ -181,3 +218,54 @@ class FreeNoiseAttention(AttentionMethod):
             scale=call.scale,
             tokens_per_frame=height * width,
         )
+
+
+def _window_fused_block(
+    block,
+    method: FreeNoiseAttention,
+    original,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    timestep=None,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    class_labels=None,
+    added_cond_kwargs=None,
+) -> torch.Tensor:
+    """A layer-norm BasicTransformerBlock over frames (B*H*W, F, C) with its attentions run per window and
+    the windows fused before the feed-forward."""
+    frames = hidden_states.shape[1]
+    windows = frame_windows(frames, method.window_length(None, block), method.context_stride)
+    if len(windows) == 1:
+        return original(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+                        cross_attention_kwargs, class_labels, added_cond_kwargs)  # fmt: skip
+    extra = cross_attention_kwargs or {}
+    weights = window_weights(windows[0][1] - windows[0][0], method.weighting).to(hidden_states.device)
+    fused = torch.zeros(hidden_states.shape, device=hidden_states.device, dtype=torch.float32)
+    total = torch.zeros(frames, device=hidden_states.device)
+    for start, end in windows:
+        chunk = hidden_states[:, start:end]
+        norm = block.norm1(chunk)
+        if block.pos_embed is not None:
+            norm = block.pos_embed(norm)
+        context = encoder_hidden_states if block.only_cross_attention else None
+        chunk = (
+            block.attn1(norm, encoder_hidden_states=context, attention_mask=attention_mask, **extra) + chunk
+        )
+        if block.attn2 is not None:
+            norm = block.norm2(chunk)
+            if block.pos_embed is not None:
+                norm = block.pos_embed(norm)
+            chunk = block.attn2(
+                norm, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **extra
+            ) + chunk  # fmt: skip
+        fused[:, start:end] += chunk.float() * weights[None, :, None]
+        total[start:end] += weights
+    hidden_states = (fused / total[None, :, None]).to(hidden_states.dtype)
+    norm = block.norm3(hidden_states)
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(block.ff, norm, block._chunk_dim, block._chunk_size) + hidden_states
+    return block.ff(norm) + hidden_states
