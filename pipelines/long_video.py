@@ -173,18 +173,28 @@ def long_video(
                 and name.endswith("attn2")
             ):
                 hooks.append(module.register_forward_pre_hook(inject, with_kwargs=True))
+    return _call(
+        pipe,
+        method,
+        hooks,
+        was_attached,
+        prompt_embeds=positive[:1].expand(batch, -1, -1),
+        negative_prompt_embeds=negative[:1].expand(batch, -1, -1),
+        latents=latents,
+        generator=generator,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        **kwargs,
+    )
+
+
+def _call(pipe, method, hooks, was_attached: bool, **call):
+    """The pipeline call with the method applied; afterwards the hooks go, and attnpack too unless the
+    pipeline had it before."""
     try:
         with apply(pipe, method):
-            return pipe(
-                prompt_embeds=positive[:1].expand(batch, -1, -1),
-                negative_prompt_embeds=negative[:1].expand(batch, -1, -1),
-                latents=latents,
-                generator=generator,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                **kwargs,
-            )
+            return pipe(**call)
     finally:
         for hook in hooks:
             hook.remove()
@@ -222,23 +232,20 @@ def _wan(pipe, prompts, negative_prompt, num_frames, method, noise, generator, h
         text = {"prompt_embeds": prompt_embeds}
     else:
         text = {"prompt": [prompts[0]] * batch}
-    try:
-        with apply(pipe, method):
-            return pipe(
-                **text,
-                negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
-                latents=latents,
-                num_frames=num_frames,
-                height=height,
-                width=width,
-                generator=generator,
-                **kwargs,
-            )
-    finally:
-        for hook in hooks:
-            hook.remove()
-        if not was_attached:
-            remove(pipe)
+    return _call(
+        pipe,
+        method,
+        hooks,
+        was_attached,
+        **text,
+        negative_prompt=None if negative_prompt is None else [negative_prompt] * batch,
+        latents=latents,
+        num_frames=num_frames,
+        height=height,
+        width=width,
+        generator=generator,
+        **kwargs,
+    )
 
 
 def _wan_frame_prompts(pipe, prompts: dict[int, str], latent_frames: int, batch: int, kwargs: dict):

@@ -176,18 +176,25 @@ class FreeNoiseAttention(AttentionMethod):
         return trained
 
     def attend(self, call: AttnCall) -> torch.Tensor:
-        if call.layout.role is Role.SELF:
-            return self.attend_video_tokens(call)
-        if self.fusion == "block":  # the block runs this attention per window already
+        video_tokens = call.layout.role is Role.SELF  # a video DiT: frames of height x width tokens
+        if not video_tokens and self.fusion == "block":  # the block runs this attention per window already
             return dense(call)
-        frames = call.query.shape[1]
-        windows = frame_windows(frames, self.window_length(call), self.context_stride)
-        length = windows[0][1] - windows[0][0]
-        offsets = position_offsets(call.module, torch.arange(length))
         if call.attn_mask is not None:
             raise RuntimeError(
                 f"FreeNoiseAttention: {call.site.name} has an attention mask; windows cannot honour it"
             )
+        if video_tokens:
+            grid = call.layout.grid
+            if grid is None or len(grid) != 3:
+                raise RuntimeError(
+                    f"FreeNoiseAttention: no video grid for {call.site.name}; attach the pipeline"
+                )
+            frames, tokens = grid[0], grid[1] * grid[2]
+        else:
+            frames, tokens = call.query.shape[1], 1
+        windows = frame_windows(frames, self.window_length(call), self.context_stride)
+        length = windows[0][1] - windows[0][0]
+        offsets = position_offsets(call.module, torch.arange(length)) if tokens == 1 else None
         return windowed_attention(
             call.query,
             call.key,
@@ -196,27 +203,7 @@ class FreeNoiseAttention(AttentionMethod):
             window_weights(length, self.weighting),
             offsets=offsets,
             scale=call.scale,
-        )
-
-    def attend_video_tokens(self, call: AttnCall) -> torch.Tensor:
-        grid = call.layout.grid
-        if grid is None or len(grid) != 3:
-            raise RuntimeError(f"FreeNoiseAttention: no video grid for {call.site.name}; attach the pipeline")
-        if call.attn_mask is not None:
-            raise RuntimeError(
-                f"FreeNoiseAttention: {call.site.name} has an attention mask; windows cannot honour it"
-            )
-        frames, height, width = grid
-        windows = frame_windows(frames, self.window_length(call), self.context_stride)
-        length = windows[0][1] - windows[0][0]
-        return windowed_attention(
-            call.query,
-            call.key,
-            call.value,
-            windows,
-            window_weights(length, self.weighting),
-            scale=call.scale,
-            tokens_per_frame=height * width,
+            tokens_per_frame=tokens,
         )
 
 
