@@ -42,7 +42,7 @@ class AttnCall:
     scale: float | None = None
     extra_context: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # what the adapter's finish() needs
-    reduction: Any = None  # what the method's reduce_tokens() made of the hidden states (token merging)
+    prepared: Any = None  # what the method's before_projection() made of the inputs (token merging, ...)
 
 
 class Adapter(ABC):

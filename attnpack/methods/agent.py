@@ -234,7 +234,7 @@ class AgentAttention(AttentionMethod):
             return early
         return (self.late_ratio, self.late_agent_ratio, self.late_sx, self.late_sy)
 
-    def reduce_tokens(self, attn, site, hidden_states, encoder_hidden_states, attention_mask):
+    def before_projection(self, attn, site, hidden_states, encoder_hidden_states, attention_mask):
         plain_self_attention = (
             encoder_hidden_states is None
             and attention_mask is None
@@ -245,11 +245,11 @@ class AgentAttention(AttentionMethod):
         )
         ctx = site.context
         if not plain_self_attention or ctx.grid is None:
-            return hidden_states, None
+            return hidden_states, encoder_hidden_states, None
         full = ctx.grid[-2:]
         level = downsampled_grid(full, hidden_states.shape[1])
         if level is None or math.ceil(full[0] / level[0]) > self.max_downsample:
-            return hidden_states, None
+            return hidden_states, encoder_hidden_states, None
         ratio, agent_ratio, sx, sy = self.stage(ctx)
         generator = None
         if self.use_rand and hidden_states.shape[0] % 2 == 0:
@@ -263,18 +263,18 @@ class AgentAttention(AttentionMethod):
             hidden_states, level, sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio, generator=generator
         )
         if plan is None:
-            return hidden_states, None
-        return plan.tokens(hidden_states), (plan, plan.agents(hidden_states))
+            return hidden_states, encoder_hidden_states, None
+        return plan.tokens(hidden_states), encoder_hidden_states, (plan, plan.agents(hidden_states))
 
-    def restore_tokens(self, reduction, output):
-        plan, _ = reduction
+    def after_output(self, prepared, output):
+        plan, _ = prepared
         return plan.unmerge(output)
 
     def attend(self, call: AttnCall) -> torch.Tensor:
-        if call.reduction is None or call.reduction[1] is None:
+        if call.prepared is None or call.prepared[1] is None:
             return dense(call)
         attn = call.module
-        agents = unflatten_heads(attn.to_q(call.reduction[1]), attn.heads)
+        agents = unflatten_heads(attn.to_q(call.prepared[1]), attn.heads)
         if attn.norm_q is not None:
             agents = attn.norm_q(agents)
         return agent_attention(

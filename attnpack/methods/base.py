@@ -62,18 +62,18 @@ class AttentionMethod:
                 f"{type(self).__name__} needs the denoising context (grids, steps): {ATTACH_HINT}"
             )
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
-        reduction = None
+        prepared = None
         if site is not None and self.acts_on(site.family.name, site.role):
-            hidden_states, reduction = self.reduce_tokens(
+            hidden_states, encoder_hidden_states, prepared = self.before_projection(
                 attn, site, hidden_states, encoder_hidden_states, attention_mask
             )
         call = adapter.project(attn, site, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
-        call.reduction = reduction
+        call.prepared = prepared
         family = site.family.name if site is not None else adapter.name
         out = self.attend(call) if self.acts_on(family, call.layout.role) else dense(call)
         extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
         result = adapter.finish(call, out, extra_out)
-        return result if reduction is None else self.restore_tokens(reduction, result)
+        return result if prepared is None else self.after_output(prepared, result)
 
     def attend(self, call: AttnCall) -> torch.Tensor:
         """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
@@ -84,20 +84,21 @@ class AttentionMethod:
         """Whether the method acts on layers of this role in this family."""
         return family in cls.families and role in cls.family_roles.get(family, cls.roles)
 
-    def reduce_tokens(
+    def before_projection(
         self,
         attn: torch.nn.Module,
         site,
         hidden_states: torch.Tensor,
         encoder_hidden_states: torch.Tensor | None,
         attention_mask: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, Any]:
-        """Before projection, on a layer the method acts on: the hidden states the call should run on (fewer
-        tokens, for token merging) and what `restore_tokens` needs to undo that, or None to leave them."""
-        return hidden_states, None
+    ) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """Before projection, on a layer the method acts on: the hidden states (and text) the call should
+        run on, e.g. fewer tokens (token merging) or extra rows (repositioned references), and what
+        `after_output` needs to undo that (kept on `call.prepared`), or None to leave everything as it is."""
+        return hidden_states, encoder_hidden_states, None
 
-    def restore_tokens(self, reduction: Any, output: Any) -> Any:
-        """The module's output at the original token count, from the output of the reduced call."""
+    def after_output(self, prepared: Any, output: Any) -> Any:
+        """The module's output in its original shape, from the output of the prepared call."""
         return output
 
     def processor_for(self, module: torch.nn.Module, site) -> Any:
