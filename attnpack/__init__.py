@@ -22,8 +22,10 @@ from .methods import (
     DenseAttention,
     FreeLongAttention,
     FreeNoiseAttention,
+    IsolationAttention,
     PooledAgentAttention,
     RadialAttention,
+    Subject,
 )
 
 try:
@@ -42,9 +44,11 @@ __all__ = [
     "FreeLongAttention",
     "FreeNoiseAttention",
     "Handle",
+    "IsolationAttention",
     "PooledAgentAttention",
     "RadialAttention",
     "Role",
+    "Subject",
     "TokenLayout",
     "__version__",
     "apply",

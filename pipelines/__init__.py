@@ -3,17 +3,22 @@ random-weight pipelines (smoke models)."""
 
 from .clear import clear_upscale
 from .long_video import frame_embeddings, keyframe_prompts, lerp_prompts, long_video
+from .multi_subject import MultiSubjectOutput, load_subjects, multi_subject, reference_sheet
 from .tiny import RANDOM_WEIGHTS_NOTE, TINY_PIPELINES, TinyPipeline, build_tiny_pipeline, tiny_call_kwargs
 
 __all__ = [
     "RANDOM_WEIGHTS_NOTE",
     "TINY_PIPELINES",
+    "MultiSubjectOutput",
     "TinyPipeline",
     "build_tiny_pipeline",
     "clear_upscale",
     "frame_embeddings",
     "keyframe_prompts",
     "lerp_prompts",
+    "load_subjects",
     "long_video",
+    "multi_subject",
+    "reference_sheet",
     "tiny_call_kwargs",
 ]

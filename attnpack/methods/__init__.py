@@ -11,6 +11,7 @@ from .clear import ClearAttention
 from .dense import DenseAttention
 from .freelong import FreeLongAttention
 from .freenoise import FreeNoiseAttention
+from .isolation import IsolationAttention, Subject
 from .radial import RadialAttention
 
 METHODS: dict[str, type[AttentionMethod]] = {
@@ -23,6 +24,7 @@ METHODS: dict[str, type[AttentionMethod]] = {
         PooledAgentAttention,
         FreeNoiseAttention,
         FreeLongAttention,
+        IsolationAttention,
     )
 }
 
@@ -64,8 +66,10 @@ __all__ = [
     "DenseAttention",
     "FreeLongAttention",
     "FreeNoiseAttention",
+    "IsolationAttention",
     "PooledAgentAttention",
     "RadialAttention",
+    "Subject",
     "check_choice",
     "check_number",
     "make_method",
