@@ -71,7 +71,7 @@ def multi_subject(
     returns a mask (H, W) of `name` in `image`: with it, a first plain pass generates the references and
     the scene, and the masks come from segmenting them (boxes given by the user win). `method`: settings
     for `IsolationAttention` (start_layer, dropout, cross_attention_blend, ...). Other keyword arguments go
-    to the pipeline. `pipe` is left as it was.
+    to the pipeline (UNets: guidance_scale 7.0 unless given). `pipe` is left as it was.
     """
     subjects = [Subject.of(s) for s in subjects]
     if not isinstance(prompt, str) or not prompt.strip():
@@ -90,6 +90,8 @@ def multi_subject(
     )
     if not is_flux and getattr(pipe, "unet", None) is None:
         raise ValueError(f"multi_subject runs SDXL-family and FLUX pipelines; got {type(pipe).__name__}")
+    if not is_flux:
+        kwargs.setdefault("guidance_scale", 7.0)  # the public code's setting on Playground v2.5 / SDXL
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
     width = width or pipe.default_sample_size * pipe.vae_scale_factor
 
