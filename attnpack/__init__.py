@@ -26,6 +26,7 @@ from .methods import (
     PooledAgentAttention,
     RadialAttention,
     Subject,
+    TrajectoryRoPE,
 )
 
 try:
@@ -50,6 +51,7 @@ __all__ = [
     "Role",
     "Subject",
     "TokenLayout",
+    "TrajectoryRoPE",
     "__version__",
     "apply",
     "attach",

@@ -5,12 +5,14 @@ from .clear import clear_upscale
 from .long_video import frame_embeddings, keyframe_prompts, lerp_prompts, long_video
 from .multi_subject import MultiSubjectOutput, load_subjects, multi_subject, reference_sheet
 from .tiny import RANDOM_WEIGHTS_NOTE, TINY_PIPELINES, TinyPipeline, build_tiny_pipeline, tiny_call_kwargs
+from .trajectory import TrajectoryOutput, parse_split, split_prompt, trajectory_video
 
 __all__ = [
     "RANDOM_WEIGHTS_NOTE",
     "TINY_PIPELINES",
     "MultiSubjectOutput",
     "TinyPipeline",
+    "TrajectoryOutput",
     "build_tiny_pipeline",
     "clear_upscale",
     "frame_embeddings",
@@ -19,6 +21,9 @@ __all__ = [
     "load_subjects",
     "long_video",
     "multi_subject",
+    "parse_split",
     "reference_sheet",
+    "split_prompt",
     "tiny_call_kwargs",
+    "trajectory_video",
 ]

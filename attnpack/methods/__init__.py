@@ -13,6 +13,7 @@ from .freelong import FreeLongAttention
 from .freenoise import FreeNoiseAttention
 from .isolation import IsolationAttention, Subject
 from .radial import RadialAttention
+from .trajectory import TrajectoryRoPE
 
 METHODS: dict[str, type[AttentionMethod]] = {
     cls.name: cls
@@ -25,6 +26,7 @@ METHODS: dict[str, type[AttentionMethod]] = {
         FreeNoiseAttention,
         FreeLongAttention,
         IsolationAttention,
+        TrajectoryRoPE,
     )
 }
 
@@ -70,6 +72,7 @@ __all__ = [
     "PooledAgentAttention",
     "RadialAttention",
     "Subject",
+    "TrajectoryRoPE",
     "check_choice",
     "check_number",
     "make_method",

@@ -1,0 +1,324 @@
+"""TrajectoryRoPE: DiTraj's trajectory control for video DiTs (Wan 2.1 / 2.2, CogVideoX, HunyuanVideo).
+
+An object follows a user's path of boxes, training-free:
+
+- STD-RoPE: during the first `rope_steps`, every foreground token at (f, h, w) takes the rotary position
+  of (f, h_ref, w_ref) from the smallest box of the path (a larger box samples the reference patch
+  nearest-neighbour), so the frames' foreground attends to itself as one object. The rotary module's
+  output (Wan, HunyuanVideo) or the rotary tables the pipeline passes (CogVideoX) are re-indexed through a
+  hook: nothing in diffusers is patched or copied;
+- R-token mask (same steps): background tokens that sit where a frame's foreground takes its positions
+  and the foreground tokens do not attend each other;
+- foreground / background text (Wan, steps < `mask_steps`, conditional pass): the text context is
+  [background prompt; foreground prompt], foreground video tokens attend only the foreground text and
+  background tokens only the background text. `attnpack.pipelines.trajectory_video` feeds the texts.
+
+Masks run in the block-sparse kernel as token segments. Trajectories are keyframe boxes
+`[[frame, y1, y2, x1, x2], ...]` in normalised units (DiTraj / FreeTraj format), linearly interpolated, or
+point tracks `[[{"x": .., "y": ..}, ...]]` (ComfyUI / ATI) turned into boxes of a given size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+from ..context import SITE_ATTR
+from ..families.base import AttnCall
+from ..kernels import block_sparse_attention
+from ..layout import Role
+from ..patterns.block_sparse import ElementRule
+from ..patterns.subjects import segment_pattern
+from .base import AttentionMethod, check_number, dense
+
+BACKGROUND, FOREGROUND, R_TOKEN, TEXT, FOREGROUND_TEXT = 0, 1, 2, 3, 4
+
+
+def parse_trajectory(trajectory: Any) -> list[tuple[int, float, float, float, float]]:
+    """Keyframes [frame, y1, y2, x1, x2], checked: at least two, frames increasing integers >= 0, boxes
+    inside [0, 1] and non-empty. Errors name the keyframe. An empty list is no foreground."""
+    if trajectory is None or (isinstance(trajectory, list | tuple) and len(trajectory) == 0):
+        return []
+    if not isinstance(trajectory, list | tuple) or len(trajectory) < 2:
+        raise ValueError(f"trajectory={trajectory!r} needs at least two keyframes [frame, y1, y2, x1, x2]")
+    keyframes = []
+    for k, key in enumerate(trajectory):
+        if not isinstance(key, list | tuple) or len(key) != 5:
+            raise ValueError(f"trajectory keyframe {k}: {key!r} must be [frame, y1, y2, x1, x2]")
+        frame, *box = key
+        if isinstance(frame, bool) or not isinstance(frame, int) or frame < 0:
+            raise ValueError(f"trajectory keyframe {k}: frame {frame!r} must be an integer >= 0")
+        if keyframes and frame <= keyframes[-1][0]:
+            raise ValueError(
+                f"trajectory keyframe {k}: frame {frame} must come after frame {keyframes[-1][0]}"
+            )
+        if not all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 1 for v in box):
+            raise ValueError(f"trajectory keyframe {k}: box {box!r} must lie inside [0, 1]")
+        y1, y2, x1, x2 = (float(v) for v in box)
+        if not (y1 < y2 and x1 < x2):
+            raise ValueError(f"trajectory keyframe {k}: box {box!r} is empty (needs y1 < y2 and x1 < x2)")
+        keyframes.append((frame, y1, y2, x1, x2))
+    return keyframes
+
+
+def points_to_trajectory(
+    tracks: Any,
+    box_size: tuple[float, float] = (0.2, 0.2),
+    *,
+    width: int | None = None,
+    height: int | None = None,
+) -> list[tuple[int, float, float, float, float]]:
+    """A point track `[[{"x": .., "y": ..}, ...]]` (one point per video frame; normalised, or pixels with
+    `width` / `height`) as keyframe boxes of `box_size` (height, width) centred on the points. The first
+    track is the object; more tracks are refused."""
+    if not isinstance(tracks, list | tuple) or len(tracks) != 1 or not isinstance(tracks[0], list | tuple):
+        raise ValueError("points: give one track, [[{'x': .., 'y': ..}, ...]] with one point per frame")
+    half_h, half_w = box_size[0] / 2, box_size[1] / 2
+    keyframes = []
+    for frame, point in enumerate(tracks[0]):
+        if not isinstance(point, dict) or "x" not in point or "y" not in point:
+            raise ValueError(f"points: point {frame} {point!r} must be {{'x': .., 'y': ..}}")
+        x, y = float(point["x"]), float(point["y"])
+        if width is not None and height is not None:
+            x, y = x / width, y / height
+        x, y = min(max(x, half_w), 1 - half_w), min(max(y, half_h), 1 - half_h)  # the box stays inside
+        keyframes.append([frame, y - half_h, y + half_h, x - half_w, x + half_w])
+    return parse_trajectory(keyframes)
+
+
+def box_at(keyframes, frame: float) -> tuple[float, float, float, float]:
+    """The (y1, y2, x1, x2) box at a (fractional) video frame: linear between keyframes, held outside."""
+    if frame <= keyframes[0][0]:
+        return keyframes[0][1:]
+    for (f0, *b0), (f1, *b1) in itertools.pairwise(keyframes):
+        if frame <= f1:
+            t = (frame - f0) / (f1 - f0)
+            return tuple(a + t * (b - a) for a, b in zip(b0, b1, strict=True))
+    return keyframes[-1][1:]
+
+
+def token_boxes(
+    keyframes, grid: tuple[int, int, int], frames_per_latent: int
+) -> list[tuple[int, int, int, int]]:
+    """Per latent frame the box in tokens (h1, h2, w1, w2), ends exclusive, at least one token."""
+    frames, height, width = grid
+    boxes = []
+    for f in range(frames):
+        y1, y2, x1, x2 = box_at(keyframes, f * frames_per_latent)
+        h1, w1 = min(int(y1 * height), height - 1), min(int(x1 * width), width - 1)
+        h2, w2 = max(math.ceil(y2 * height), h1 + 1), max(math.ceil(x2 * width), w1 + 1)
+        boxes.append((h1, min(h2, height), w1, min(w2, width)))
+    return boxes
+
+
+def remap_index(grid: tuple[int, int, int], boxes) -> tuple[torch.Tensor, torch.Tensor]:
+    """STD-RoPE as a gather: (source token per token (S,), foreground mask (S,)). A foreground token at
+    (f, h, w) takes (f, h_ref, w_ref) from the smallest box, sampled nearest-neighbour in larger boxes."""
+    frames, height, width = grid
+    index = torch.arange(frames * height * width).reshape(frames, height, width)
+    source = index.clone()
+    foreground = torch.zeros(frames, height, width, dtype=torch.bool)
+    r = min(boxes, key=lambda b: (b[1] - b[0]) * (b[3] - b[2]))
+    for f, (h1, h2, w1, w2) in enumerate(boxes):
+        rows = torch.linspace(r[0], r[1] - 1, h2 - h1).round().long()
+        cols = torch.linspace(r[2], r[3] - 1, w2 - w1).round().long()
+        source[f, h1:h2, w1:w2] = index[f][rows[:, None], cols[None, :]]
+        foreground[f, h1:h2, w1:w2] = True
+    return source.flatten(), foreground.flatten()
+
+
+def r_tokens(source: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
+    """Background tokens whose own position is one a foreground token takes (S,) bool."""
+    taken = torch.zeros_like(foreground)
+    taken[source[foreground]] = True
+    return taken & ~foreground
+
+
+@dataclass(eq=False, repr=False)
+class TrajectoryRoPE(AttentionMethod):
+    """Trajectory control. `trajectory`: keyframe boxes (or `points`: a point track with `box_size`);
+    `rope_steps`: steps with STD-RoPE and the R-token mask; `mask_steps`: steps with separated foreground /
+    background text (Wan, with `fg_prompt` / `bg_prompt`); `frames_per_latent`: video frames per latent frame
+    (4 for Wan, HunyuanVideo, CogVideoX 1.0; 8 for CogVideoX 1.5)."""
+
+    trajectory: list = field(default_factory=list)
+    fg_prompt: str | None = None
+    bg_prompt: str | None = None
+    rope_steps: int = 5
+    mask_steps: int = 30
+    points: list | None = None
+    box_size: tuple[float, float] = (0.2, 0.2)
+    frames_per_latent: int = 4
+
+    name: ClassVar[str] = "trajectory"
+    families: ClassVar[tuple[str, ...]] = ("wan", "cogvideox", "hunyuan_video")
+    roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF, Role.CROSS, Role.JOINT})
+    family_roles: ClassVar[dict[str, frozenset[Role]]] = {
+        "wan": frozenset({Role.SELF, Role.CROSS}),
+        "cogvideox": frozenset({Role.JOINT}),
+        "hunyuan_video": frozenset({Role.JOINT}),
+    }
+    needs_context: ClassVar[bool] = True
+
+    def __post_init__(self):
+        owner = "TrajectoryRoPE"
+        if self.points is not None:
+            if self.trajectory:
+                raise ValueError(f"{owner}: give trajectory or points, not both")
+            self.trajectory = points_to_trajectory(self.points, tuple(self.box_size))
+        self.keyframes = parse_trajectory(self.trajectory)
+        check_number(owner, "rope_steps", self.rope_steps, low=0, integer=True)
+        check_number(owner, "mask_steps", self.mask_steps, low=0, integer=True)
+        check_number(owner, "frames_per_latent", self.frames_per_latent, low=1, integer=True)
+        if (self.fg_prompt is None) != (self.bg_prompt is None):
+            raise ValueError(f"{owner}: give both fg_prompt and bg_prompt, or neither")
+        self.background_text_len: int | None = None  # set by the pipeline that feeds [background; foreground]
+        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._patterns: dict[tuple, Any] = {}  # built once per layout: the same for every layer and step
+
+    def layout(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        key = tuple(grid)
+        if key not in self._cache:
+            boxes = token_boxes(self.keyframes, grid, self.frames_per_latent)
+            self._cache[key] = remap_index(grid, boxes)
+        return self._cache[key]
+
+    def rope_now(self, ctx) -> bool:
+        return bool(self.keyframes) and ctx.grid is not None and (ctx.step_index or 0) < self.rope_steps
+
+    # ---- the rotary hook
+
+    def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
+        if not self.keyframes:
+            return None
+        hooks = []
+        for name, model in denoisers.items():
+            site = next(
+                (getattr(m, SITE_ATTR) for m in processors if getattr(m, SITE_ATTR).denoiser == name), None
+            )
+            if site is None:
+                continue
+            ctx = site.context
+            if site.family.name == "cogvideox":
+                hooks.append(model.register_forward_pre_hook(self._cogvideox_hook(ctx), with_kwargs=True))
+            else:
+                hooks.append(model.rope.register_forward_hook(self._rope_hook(ctx)))
+        return lambda: [hook.remove() for hook in hooks]
+
+    def remap(self, rotary, grid) -> Any:
+        """(cos, sin) tables with one row per video token, rows re-indexed by STD-RoPE."""
+        source, _ = self.layout(grid)
+        tokens = math.prod(grid)
+
+        def gather(table: torch.Tensor) -> torch.Tensor:
+            axis = next(d for d, n in enumerate(table.shape) if n == tokens)
+            return table.index_select(axis, source.to(table.device))
+
+        return tuple(gather(t) for t in rotary) if isinstance(rotary, tuple | list) else gather(rotary)
+
+    def _rope_hook(self, ctx):
+        def hook(module, args, output):
+            if not self.rope_now(ctx):
+                return None
+            return self.remap(output, ctx.grid)
+
+        return hook
+
+    def _cogvideox_hook(self, ctx):
+        def hook(module, args, kwargs):
+            rotary = kwargs.get("image_rotary_emb")
+            if rotary is None or not self.rope_now(ctx):
+                return None
+            return args, kwargs | {"image_rotary_emb": self.remap(rotary, ctx.grid)}
+
+        return hook
+
+    # ---- masks
+
+    def attend(self, call: AttnCall) -> torch.Tensor:
+        ctx, layout = call.context, call.layout
+        if not self.keyframes or ctx.grid is None or call.attn_mask is not None:
+            return dense(call)
+        step = ctx.step_index or 0
+        if layout.role is Role.CROSS:
+            text = self.background_text_len
+            if text is None or step >= self.mask_steps or call.key.shape[1] != 2 * text:
+                return dense(call)  # plain text (the unconditional pass, or later steps)
+            _, foreground = self.layout(ctx.grid)
+            q = foreground.to(torch.int32)  # BACKGROUND 0 / FOREGROUND 1
+            k = torch.cat([torch.full((text,), TEXT), torch.full((text,), FOREGROUND_TEXT)]).to(torch.int32)
+            allow = torch.zeros(5, 5, dtype=torch.bool)
+            allow[BACKGROUND, TEXT] = allow[FOREGROUND, FOREGROUND_TEXT] = True
+            return self._segmented(call, ("cross", tuple(ctx.grid), text), q, k, allow)
+        if step >= self.rope_steps:
+            return dense(call)
+        source, foreground = self.layout(ctx.grid)
+        video = foreground.to(torch.int32)
+        video[r_tokens(source, foreground)] = R_TOKEN
+        text_len = layout.text_len if layout.role is Role.JOINT else 0
+        text = torch.full((text_len,), TEXT, dtype=torch.int32)
+        segments = torch.cat([text, video]) if layout.text_first else torch.cat([video, text])
+        allow = torch.ones(5, 5, dtype=torch.bool)
+        allow[FOREGROUND, R_TOKEN] = allow[R_TOKEN, FOREGROUND] = False
+        key = ("self", tuple(ctx.grid), text_len, layout.text_first)
+        return self._segmented(call, key, segments, segments, allow, key_padding=_key_padding(call))
+
+    def _segmented(self, call, key, q_segments, k_segments, allow, key_padding=None) -> torch.Tensor:
+        device = call.query.device
+        key = (*key, str(device))
+        if key not in self._patterns:
+            rule = ElementRule(allow, torch.zeros_like(allow))
+            self._patterns[key] = segment_pattern(rule, q_segments.to(device), k_segments.to(device))
+        pattern = self._patterns[key]
+        return block_sparse_attention(
+            call.query, call.key, call.value, pattern, scale=call.scale, key_padding=key_padding
+        )
+
+
+def _key_padding(call: AttnCall):
+    mask = call.attn_mask
+    if mask is None:
+        return None
+    return mask[:, 0, 0, :].expand(call.key.shape[0], call.key.shape[1])
+
+
+def trajectory_picture(
+    keyframes, num_frames: int, size: tuple[int, int] = (256, 144), columns: int = 8, frames=None
+):
+    """The planned boxes over the video: `columns` frames side by side (over `frames`, PIL images, when
+    given), each with its box and frame number."""
+    from PIL import Image, ImageDraw
+
+    keyframes = parse_trajectory(keyframes)
+    width, height = size
+    picks = [round(i * (num_frames - 1) / max(columns - 1, 1)) for i in range(columns)]
+    sheet = Image.new("RGB", (width * columns, height + 14), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, frame in enumerate(picks):
+        tile = frames[frame].resize(size) if frames is not None else Image.new("RGB", size, (235, 235, 235))
+        sheet.paste(tile, (c * width, 0))
+        if keyframes:
+            y1, y2, x1, x2 = box_at(keyframes, frame)
+            draw.rectangle(
+                [c * width + x1 * width, y1 * height, c * width + x2 * width - 1, y2 * height - 1],
+                outline=(40, 200, 40),
+                width=2,
+            )
+        draw.text((c * width + 2, height + 1), f"frame {frame}", fill="black")
+    return sheet
+
+
+__all__ = [
+    "TrajectoryRoPE",
+    "box_at",
+    "parse_trajectory",
+    "points_to_trajectory",
+    "r_tokens",
+    "remap_index",
+    "token_boxes",
+    "trajectory_picture",
+]
