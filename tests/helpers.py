@@ -28,3 +28,17 @@ def denoisers(pipe) -> list[torch.nn.Module]:
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def record_calls(monkeypatch, module, name: str, record) -> list:
+    """Wrap `module.name` for one test: every call still runs, and `record(*args, **kwargs)` is appended
+    to the returned list first."""
+    calls = []
+    original = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        calls.append(record(*args, **kwargs))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, wrapper)
+    return calls

@@ -6,7 +6,7 @@ import importlib
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention
-from helpers import max_diff, run_tiny, tiny_pipeline
+from helpers import max_diff, record_calls, run_tiny, tiny_pipeline
 
 import attnpack
 from attnpack.context import AttnContext
@@ -279,15 +279,9 @@ def test_bad_settings_name_themselves():
 
 
 def count_agent_calls(monkeypatch):
-    calls = []
-    original = agent_module.agent_attention
-
-    def spy(query, agents, *args, **kwargs):
-        calls.append(agents.shape[1])
-        return original(query, agents, *args, **kwargs)
-
-    monkeypatch.setattr(agent_module, "agent_attention", spy)
-    return calls
+    return record_calls(
+        monkeypatch, agent_module, "agent_attention", lambda query, agents, *_, **__: agents.shape[1]
+    )
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import max_diff, tiny_pipeline
+from helpers import max_diff, record_calls, tiny_pipeline
 
 import attnpack
 from attnpack.methods import isolation as isolation_module
@@ -121,15 +121,12 @@ def test_otsu_separates_two_modes():
 
 
 def spy_sparse(monkeypatch):
-    calls = []
-    original = isolation_module.block_sparse_attention
-
-    def spy(q, k, v, pattern, **kwargs):
-        calls.append((q.shape[1], k.shape[1]))
-        return original(q, k, v, pattern, **kwargs)
-
-    monkeypatch.setattr(isolation_module, "block_sparse_attention", spy)
-    return calls
+    return record_calls(
+        monkeypatch,
+        isolation_module,
+        "block_sparse_attention",
+        lambda q, k, *_, **__: (q.shape[1], k.shape[1]),
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-flux"])
@@ -255,14 +252,12 @@ def test_target_mask_on_a_real_layer_matches_the_definition(monkeypatch):
     the target only."""
     from attnpack.patterns.subjects import box_mask, reposition
 
-    seen = []
-    original = isolation_module.block_sparse_attention
-
-    def spy(q, k, v, pattern, **kwargs):
-        seen.append((q.shape[1], pattern))
-        return original(q, k, v, pattern, **kwargs)
-
-    monkeypatch.setattr(isolation_module, "block_sparse_attention", spy)
+    seen = record_calls(
+        monkeypatch,
+        isolation_module,
+        "block_sparse_attention",
+        lambda q, k, v, pattern, **_: (q.shape[1], pattern),
+    )
     pipe = tiny_pipeline("tiny-sdxl")
     kwargs = tiny_call_kwargs("tiny-sdxl") | {"num_inference_steps": 1}
     multi_subject(

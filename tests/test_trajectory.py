@@ -3,7 +3,7 @@ R-token and text masks, tiny Wan / CogVideoX / HunyuanVideo pipelines, an empty 
 
 import pytest
 import torch
-from helpers import max_diff, run_tiny, tiny_pipeline
+from helpers import max_diff, record_calls, run_tiny, tiny_pipeline
 
 import attnpack
 from attnpack.methods import trajectory as trajectory_module
@@ -111,14 +111,9 @@ def test_r_tokens_match_the_position_equality_definition():
 
 
 def test_r_token_mask_in_the_kernel(monkeypatch):
-    seen = []
-    original = trajectory_module.block_sparse_attention
-
-    def spy(q, k, v, pattern, **kwargs):
-        seen.append(pattern)
-        return original(q, k, v, pattern, **kwargs)
-
-    monkeypatch.setattr(trajectory_module, "block_sparse_attention", spy)
+    seen = record_calls(
+        monkeypatch, trajectory_module, "block_sparse_attention", lambda q, k, v, pattern, **_: pattern
+    )
     pipe = tiny_pipeline("tiny-wan-t2v")
     method = attnpack.TrajectoryRoPE(trajectory=PATH)
     with attnpack.apply(pipe, method):
@@ -148,14 +143,12 @@ def test_tiny_video_dits(name):
 
 
 def test_wan_foreground_and_background_text(monkeypatch):
-    seen = []
-    original = trajectory_module.block_sparse_attention
-
-    def spy(q, k, v, pattern, **kwargs):
-        seen.append((q.shape[1], k.shape[1]))
-        return original(q, k, v, pattern, **kwargs)
-
-    monkeypatch.setattr(trajectory_module, "block_sparse_attention", spy)
+    seen = record_calls(
+        monkeypatch,
+        trajectory_module,
+        "block_sparse_attention",
+        lambda q, k, *_, **__: (q.shape[1], k.shape[1]),
+    )
     pipe = tiny_pipeline("tiny-wan-t2v")
     kwargs = tiny_call_kwargs("tiny-wan-t2v") | {"output_type": "pt"}
     out = trajectory_video(
