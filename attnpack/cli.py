@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from . import __version__
@@ -160,6 +161,31 @@ def main(argv: list[str] | None = None) -> int:
     temporal_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
     temporal_bench.add_argument("--warmup-ms", type=float, default=25.0)
     temporal_bench.add_argument("--rep-ms", type=float, default=100.0)
+    generate = commands.add_parser(
+        "generate", help="an image or video with a preset and a method, config embedded"
+    )
+    generate.add_argument("--preset", required=True, help="a preset name (attnpack presets lists them)")
+    generate.add_argument("--method", default="dense", help="method name (default dense)")
+    generate.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a method setting; VALUE is JSON or text",
+    )
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--out", required=True, help=".png for images, .mp4 for videos (+ .json sidecar)")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--steps", type=int, dest="num_inference_steps")
+    generate.add_argument("--height", type=int)
+    generate.add_argument("--width", type=int)
+    generate.add_argument("--frames", type=int, dest="num_frames")
+    generate.add_argument(
+        "--compare-dense", action="store_true", help="also run dense: side by side, both timings"
+    )
+    generate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    presets = commands.add_parser("presets", help="the presets: models, settings, methods")
+    presets.add_argument("--json", action="store_true")
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
@@ -204,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "bench":
         return _bench(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "presets":
+        return _presets(args)
     parser.print_help()
     return 2
 
@@ -289,6 +319,58 @@ def _pattern(args) -> int:
         sys.stderr.write(f"attnpack pattern radial: {error}\n")
         return 2
     sys.stdout.write("\n".join(lines) + "\n")
+    return 0
+
+
+def parse_params(pairs: list[str]) -> dict:
+    """["k=v", ...] -> {k: v}, v read as JSON where it parses (numbers, booleans, lists), else as text."""
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r} must be KEY=VALUE")
+        try:
+            params[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key.strip()] = value
+    return params
+
+
+def _generate(args) -> int:
+    from .pipelines import ModelUnavailable, generate, save
+
+    out = args.out
+    try:
+        params = parse_params(args.param)
+        if Path(out).exists() and not args.overwrite:
+            raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
+        overrides = {k: getattr(args, k) for k in ("num_inference_steps", "height", "width", "num_frames")}
+        result = generate(
+            args.preset, args.prompt, method=args.method, params=params, seed=args.seed,
+            compare_dense=args.compare_dense, **overrides,
+        )  # fmt: skip
+        written = save(result, out, overwrite=args.overwrite)
+    except (ValueError, TypeError, FileExistsError, ModelUnavailable) as error:
+        sys.stderr.write(f"attnpack generate: {error}\n")
+        return 2
+    line = f"{args.method}: {result.seconds:.2f} s"
+    if result.dense_seconds is not None:
+        line += f", dense {result.dense_seconds:.2f} s ({result.speedup:.2f}x)"
+    sys.stdout.write(f"{line}\nwrote {', '.join(map(str, written))}\n")
+    return 0
+
+
+def _presets(args) -> int:
+    from .pipelines import PRESETS
+
+    described = {name: preset.describe() for name, preset in PRESETS.items()}
+    if args.json:
+        sys.stdout.write(json.dumps(described, indent=2, default=str) + "\n")
+        return 0
+    for name, preset in described.items():
+        sys.stdout.write(
+            f"{name:<20} {preset['kind']:<6} {preset['model']:<48} methods: {', '.join(preset['methods'])}\n"
+        )
     return 0
 
 

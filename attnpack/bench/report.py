@@ -135,6 +135,9 @@ def write_atomically(path: Path, write: Callable[[Path], None], overwrite: bool)
     os.close(handle)
     try:
         write(Path(temporary))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the result is a normal file
         os.replace(temporary, path)
     finally:
         if os.path.exists(temporary):
