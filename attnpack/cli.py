@@ -186,6 +186,11 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     presets = commands.add_parser("presets", help="the presets: models, settings, methods")
     presets.add_argument("--json", action="store_true")
+    run = commands.add_parser("run", help="run a ComfyUI-style workflow JSON (API or UI format)")
+    run.add_argument("workflow", help="workflow JSON file")
+    run.add_argument("--out", default=".", help="folder for the files the workflow saves (default: here)")
+    schema = commands.add_parser("workflow-schema", help="print the JSON Schema of attnpack's node set")
+    schema.add_argument("--out", help="write it to this file instead")
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
@@ -234,6 +239,17 @@ def main(argv: list[str] | None = None) -> int:
         return _generate(args)
     if args.command == "presets":
         return _presets(args)
+    if args.command == "run":
+        return _run_workflow(args)
+    if args.command == "workflow-schema":
+        from .workflow import schema
+
+        text = json.dumps(schema(), indent=2) + "\n"
+        if args.out:
+            Path(args.out).write_text(text)
+        else:
+            sys.stdout.write(text)
+        return 0
     parser.print_help()
     return 2
 
@@ -357,6 +373,23 @@ def _generate(args) -> int:
     if result.dense_seconds is not None:
         line += f", dense {result.dense_seconds:.2f} s ({result.speedup:.2f}x)"
     sys.stdout.write(f"{line}\nwrote {', '.join(map(str, written))}\n")
+    return 0
+
+
+def _run_workflow(args) -> int:
+    from .pipelines import ModelUnavailable
+    from .workflow import WorkflowError, run
+
+    try:
+        results = run(args.workflow, output_dir=args.out)
+    except (WorkflowError, ValueError, FileExistsError, ModelUnavailable, OSError) as error:
+        sys.stderr.write(f"attnpack run: {error}\n")
+        return 2
+    for node_id, outputs in results.items():
+        for output in outputs:
+            if isinstance(output, dict):
+                sys.stdout.write(f"node {node_id}: {json.dumps(output)}\n")
+    sys.stdout.write(f"ran {len(results)} nodes; files in {args.out}\n")
     return 0
 
 
