@@ -1,6 +1,6 @@
 # The README's two commands. Each builds .venv when missing, then runs.
-#   make app    the main job (for now `attnpack info`; the Gradio app replaces it)
-#   make test   ruff (lint + format check) and the test suite, offline
+#   make app    the Gradio app on http://127.0.0.1:7860 (tiny presets offline; real ones download)
+#   make test   ruff (lint + format check) and the test suite, offline, the browser test included
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -11,12 +11,21 @@ TORCH_SPEC ?=
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 STAMP := $(VENV)/.attnpack-installed
 
-.PHONY: app test lint format install gpu-test clean
+# The browser test drives Debian's chromium; Playwright's own browser download does not work here.
+CHROMIUM ?= /usr/bin/chromium
+
+.PHONY: app test lint format install gpu-test clean browser
 
 app: $(STAMP)
-	$(BIN)/attnpack info
+	$(BIN)/python -m attnpack.app --host 127.0.0.1 --port 7860
 
-test: $(STAMP)
+browser:
+	@test -x $(CHROMIUM) || { \
+		echo "installing Debian's chromium for the browser test"; \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: $(STAMP) browser
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m "not gpu"

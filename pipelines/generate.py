@@ -99,7 +99,15 @@ def _run(pipe, info, method, settings, prompt, seed, call, progress, cancelled):
                 "method 'trajectory' needs trajectory ([[frame, y1, y2, x1, x2], ...]) or points"
             )
         out = trajectory_video(pipe, prompt=prompt, output_type="np", **settings, **kwargs)
-        frames, extra["plan"] = _frames(out.frames), out.plan
+        frames = _frames(out.frames)
+        from PIL import Image
+
+        from ..methods.trajectory import trajectory_picture
+
+        over = [Image.fromarray(f) for f in frames]
+        extra["plan"] = trajectory_picture(
+            out.method.keyframes, len(frames), frames=over
+        )  # boxes over the video
     elif method in ("freenoise", "freelong") and info.kind == "video":
         out = long_video(pipe, prompt, method=make_method(method, **settings), output_type="np", **kwargs)
         frames = _frames(out.frames)

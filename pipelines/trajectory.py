@@ -82,12 +82,14 @@ def trajectory_video(
     splitter: str | Callable[[str], tuple[str, str]] | None = None,
     rope_steps: int = 5,
     mask_steps: int = 30,
+    frames_per_latent: int | None = None,
     **kwargs: Any,
 ) -> TrajectoryOutput:
     """A video whose foreground follows `trajectory` (keyframes [[frame, y1, y2, x1, x2], ...]) or `points`
     (one point track). Text: `prompt`, and for Wan optionally `fg_prompt` + `bg_prompt` (or `splitter`: a
     model id for `split_prompt`, or a callable prompt -> (fg, bg)). Other keyword arguments go to the
-    pipeline (num_frames, height, width, num_inference_steps, guidance_scale, generator, ...)."""
+    pipeline (num_frames, height, width, num_inference_steps, guidance_scale, generator, ...).
+    `frames_per_latent`: video frames per latent frame (None: from the pipeline's VAE and patch size)."""
     family = type(getattr(pipe, "transformer", None)).__name__
     if family not in (
         "WanTransformer3DModel",
