@@ -14,6 +14,8 @@ from .families import FAMILIES
 from .kernels import backends
 from .methods import METHODS
 
+CLIP_ID, DINO_ID = "openai/clip-vit-base-patch32", "facebook/dinov2-small"
+
 
 def system_info() -> dict[str, Any]:
     """Versions, device, kernel backends, methods and families: what `attnpack info` reports."""
@@ -191,6 +193,29 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--out", default=".", help="folder for the files the workflow saves (default: here)")
     schema = commands.add_parser("workflow-schema", help="print the JSON Schema of attnpack's node set")
     schema.add_argument("--out", help="write it to this file instead")
+    evaluate = commands.add_parser(
+        "eval", help="score outputs (a manifest) or a batch run: JSON + HTML report"
+    )
+    evaluate.add_argument(
+        "manifest", nargs="?", help="manifest.json (or its folder) listing outputs to score"
+    )
+    evaluate.add_argument(
+        "--prompts", help="a text file, one prompt per line: generate dense and --method, then score"
+    )
+    evaluate.add_argument("--preset", help="with --prompts: the preset")
+    evaluate.add_argument("--method", help="with --prompts: the method")
+    evaluate.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    evaluate.add_argument("--seeds", type=int, nargs="+", default=[0])
+    evaluate.add_argument(
+        "--out", required=True, help="folder for report.json, report.html (and batch outputs)"
+    )
+    evaluate.add_argument(
+        "--clip-model", default=None, help=f"CLIP id or folder for CLIP scores (e.g. {CLIP_ID})"
+    )
+    evaluate.add_argument(
+        "--dino-model", default=None, help=f"DINO id or folder for similarity (e.g. {DINO_ID})"
+    )
+    evaluate.add_argument("--overwrite", action="store_true")
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
@@ -241,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         return _presets(args)
     if args.command == "run":
         return _run_workflow(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "workflow-schema":
         from .workflow import schema
 
@@ -373,6 +400,30 @@ def _generate(args) -> int:
     if result.dense_seconds is not None:
         line += f", dense {result.dense_seconds:.2f} s ({result.speedup:.2f}x)"
     sys.stdout.write(f"{line}\nwrote {', '.join(map(str, written))}\n")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval import MetricModelUnavailable, evaluate_manifest, run_batch, write_report
+    from .pipelines import ModelUnavailable
+
+    models = {"clip_model": args.clip_model, "dino_model": args.dino_model}
+    try:
+        if args.prompts:
+            if not (args.preset and args.method):
+                raise ValueError("--prompts needs --preset and --method")
+            lines = [line.strip() for line in Path(args.prompts).read_text().splitlines() if line.strip()]
+            rows = run_batch(lines, preset=args.preset, method=args.method, params=parse_params(args.param),
+                             seeds=args.seeds, out=args.out, overwrite=args.overwrite, **models)  # fmt: skip
+        elif args.manifest:
+            rows = evaluate_manifest(args.manifest, **models)
+        else:
+            raise ValueError("give a manifest, or --prompts with --preset and --method")
+        written = write_report(rows, args.out, overwrite=args.overwrite)
+    except (ValueError, OSError, FileExistsError, MetricModelUnavailable, ModelUnavailable) as error:
+        sys.stderr.write(f"attnpack eval: {error}\n")
+        return 2
+    sys.stdout.write(f"scored {len(rows)} outputs; wrote {', '.join(map(str, written))}\n")
     return 0
 
 
