@@ -216,6 +216,14 @@ def main(argv: list[str] | None = None) -> int:
         "--dino-model", default=None, help=f"DINO id or folder for similarity (e.g. {DINO_ID})"
     )
     evaluate.add_argument("--overwrite", action="store_true")
+    evaluate.add_argument(
+        "--toy", action="store_true", help="measure every method on the shipped toy models (held-out world "
+        "prompts, OpenCV shape detection): toy-quality-<device>.json, .md (the README's tables) and .png"
+    )  # fmt: skip
+    evaluate.add_argument(
+        "--count", type=int, nargs=5, metavar=("PROMPTS", "SUBJECTS", "VIDEOS", "LONG", "TRAJECTORIES"),
+        help="with --toy: how many of each (default: 32 12 12 6 9)"
+    )  # fmt: skip
     pattern = commands.add_parser("pattern", help="a sparsity pattern at a geometry: densities and a picture")
     pattern_kinds = pattern.add_subparsers(dest="kind", metavar="PATTERN", required=True)
     radial = pattern_kinds.add_parser("radial", help="radial attention (video DiTs)")
@@ -248,8 +256,30 @@ def main(argv: list[str] | None = None) -> int:
     clear.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16 (accelerate)")
     clear.add_argument("--seed", type=int, default=0)
     clear.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    train = commands.add_parser("train", help="train a toy model on the procedural world (resumable)")
+    train.add_argument(
+        "model", choices=["toy-image", "toy-video"], help="toy-image (FLUX) or toy-video (Wan)"
+    )
+    train.add_argument("--out", help="folder for the trained pipeline (default: ./toy-image or ./toy-video)")
+    train.add_argument(
+        "--work-dir", help="checkpoints and the latent cache; a second run resumes there "
+        "(default: .attnpack-train/<model>)"
+    )  # fmt: skip
+    train.add_argument("--steps", type=int, help="denoiser steps (default: the recipe's)")
+    train.add_argument("--vae-steps", type=int, help="VAE steps (default: the recipe's)")
+    train.add_argument("--batch", type=int, help="denoiser batch (default: the recipe's)")
+    train.add_argument(
+        "--samples", type=int, help="training set size in world samples (default: the recipe's)"
+    )
+    train.add_argument("--learning-rate", type=float, help="denoiser learning rate (default: the recipe's)")
+    train.add_argument("--seed", type=int, help="default: the recipe's (0)")
+    train.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16 (accelerate; GPU)")
+    train.add_argument("--restart", action="store_true", help="discard the work folder's checkpoints")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
 
+    if args.command == "train":
+        return _train(args)
     if args.command == "distill":
         return _distill_clear(args)
     if args.command == "pattern":
@@ -326,6 +356,32 @@ def _distill_clear(args) -> int:
         f"loss {sum(head) / len(head):.4f} -> {sum(tail) / len(tail):.4f} over {len(losses)} steps\n"
         f"wrote {result.path}: load it with attnpack.ClearAttention(radius={args.radius:g}"
         f"{f', down_factor={args.down_factor}' if args.down_factor else ''}, weights={str(result.path)!r})\n"
+    )
+    return 0
+
+
+def _train(args) -> int:
+    from .training.toy import RECIPES, train_toy
+
+    kind = args.model.removeprefix("toy-")
+    overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "batch": args.batch, "samples": args.samples,
+                 "learning_rate": args.learning_rate, "seed": args.seed}  # fmt: skip
+    try:
+        result = train_toy(
+            kind,
+            args.out or args.model,
+            work_dir=args.work_dir,
+            recipe=RECIPES[kind].with_overrides(**overrides),
+            restart=args.restart,
+            overwrite=args.overwrite,
+            mixed_precision=args.mixed_precision,
+        )
+    except (ValueError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack train {args.model}: {error}\n")
+        return 2
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in result.metrics["adherence"].items())
+    sys.stdout.write(
+        f"wrote {result.out}; adherence on {result.metrics['count']} held-out prompts: {scores}\n"
     )
     return 0
 
@@ -407,6 +463,8 @@ def _eval(args) -> int:
     from .eval import MetricModelUnavailable, evaluate_manifest, run_batch, write_report
     from .pipelines import ModelUnavailable
 
+    if args.toy:
+        return _eval_toy(args)
     models = {"clip_model": args.clip_model, "dino_model": args.dino_model}
     try:
         if args.prompts:
@@ -424,6 +482,23 @@ def _eval(args) -> int:
         sys.stderr.write(f"attnpack eval: {error}\n")
         return 2
     sys.stdout.write(f"scored {len(rows)} outputs; wrote {', '.join(map(str, written))}\n")
+    return 0
+
+
+def _eval_toy(args) -> int:
+    from .eval.toy import quality_tables, toy_quality, write_quality
+
+    names = ("prompts", "subjects", "videos", "long_videos", "trajectories")
+    counts = dict(zip(names, args.count, strict=True)) if args.count else {}
+    try:
+        if any(n < 1 for n in counts.values()):
+            raise ValueError(f"--count {' '.join(map(str, args.count))}: every count must be >= 1")
+        result, outputs = toy_quality(**counts)
+        written = write_quality(result, outputs, args.out, overwrite=args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        sys.stderr.write(f"attnpack eval --toy: {error}\n")
+        return 2
+    sys.stdout.write(quality_tables(result) + f"\nwrote {', '.join(map(str, written))}\n")
     return 0
 
 
