@@ -2,8 +2,9 @@
 
 Five tabs (image, video, long video, several subjects, trajectory), each with a preset, a method and its
 settings, a prompt, "compare with dense", a progress bar and a cancel button, the output, the active sparsity
-pattern where the method has one, and "export workflow". It opens on the tiny presets, which work offline
-(random weights: their output is noise, and the app says so).
+pattern where the method has one, and "export workflow". It opens on the toy presets (small models trained
+on attnpack's procedural world of coloured shapes, offline) where they are shipped, else on the tiny
+random-weight ones.
 """
 
 from __future__ import annotations
@@ -19,21 +20,35 @@ import numpy as np
 
 from ..methods import METHODS
 from ..pipelines import PRESETS, Cancelled, ModelUnavailable, generate, load_preset
+from ..pipelines.presets import TOY_NOTE
 from ..pipelines.tiny import RANDOM_WEIGHTS_NOTE
+from ..training.toy_models import toy_shipped
+
+# The video tabs open on the toy video model where this checkout ships it, else on random-weight ones.
+VIDEO_SHIPPED = toy_shipped("video")
+VIDEO_DEFAULT = "toy-video" if VIDEO_SHIPPED else "tiny-wan-t2v"
 
 TABS = {
     "Image": {
         "kinds": ("image",),
         "methods": ("clear", "agent", "pooled_agent", "dense"),
-        "default": "tiny-flux",
+        "default": "toy-image",
     },
-    "Video": {"kinds": ("video",), "methods": ("radial", "pooled_agent", "dense"), "default": "tiny-wan-t2v"},
-    "Long video": {"kinds": ("video",), "methods": ("freenoise", "freelong"), "default": "tiny-animatediff"},
-    "Several subjects": {"kinds": ("image",), "methods": ("isolation",), "default": "tiny-sdxl"},
-    "Trajectory": {"kinds": ("video",), "methods": ("trajectory",), "default": "tiny-wan-t2v"},
+    "Video": {"kinds": ("video",), "methods": ("radial", "pooled_agent", "dense"), "default": VIDEO_DEFAULT},
+    "Long video": {
+        "kinds": ("video",),
+        "methods": ("freenoise", "freelong"),
+        "default": "toy-video" if VIDEO_SHIPPED else "tiny-animatediff",
+    },
+    "Several subjects": {"kinds": ("image",), "methods": ("isolation",), "default": "toy-image"},
+    "Trajectory": {"kinds": ("video",), "methods": ("trajectory",), "default": VIDEO_DEFAULT},
 }
-SUBJECTS = [["fox", "a red fox", 0.0, 0.2, 0.5, 0.9], ["cat", "a black cat", 0.5, 0.3, 1.0, 1.0]]
-TRAJECTORY = [[0, 0.1, 0.5, 0.0, 0.4], [8, 0.4, 0.9, 0.5, 1.0]]
+SUBJECTS = [
+    ["star", "a large red star over a plain grey background", 0.04, 0.2, 0.48, 0.8],
+    ["circle", "a large blue circle over a plain grey background", 0.52, 0.2, 0.96, 0.8],
+]
+_LAST_FRAME = PRESETS[VIDEO_DEFAULT].call.get("num_frames", 9) - 1
+TRAJECTORY = [[0, 0.34, 0.66, 0.02, 0.34], [_LAST_FRAME, 0.34, 0.66, 0.66, 0.98]]  # left to right
 
 
 def presets_for(tab: str) -> list[str]:
@@ -216,6 +231,8 @@ def run_tab(session: Session, tab: str, preset: str, method: str, settings_text:
         status += f" · dense {result.dense_seconds:.2f} s · speedup **{result.speedup:.2f}x**"
     if PRESETS[preset].is_tiny:
         status += f"  \n_{preset}: {RANDOM_WEIGHTS_NOTE}_"
+    elif PRESETS[preset].is_toy:
+        status += f"  \n_{preset}: {TOY_NOTE}_"
     extra = result.extra.get("sheet") or result.extra.get("plan")
     extra = None if extra is None else visible(np.asarray(extra))
     dense = show(result.dense_frames) if result.dense_frames is not None else None
@@ -255,8 +272,11 @@ def build_app(session: Session | None = None):
     session = session or Session()
     with gr.Blocks(title="attnpack") as demo:
         gr.Markdown(
-            "# attnpack\nSparse and structured attention for diffusers pipelines. The **tiny** presets run "
-            f"offline on random weights ({RANDOM_WEIGHTS_NOTE}); real presets download their models."
+            "# attnpack\nSparse and structured attention for diffusers pipelines. The **toy** presets run "
+            "offline: small models trained on a world of coloured shapes; prompts use its "
+            'words ("a large red circle and a small blue star over a plain grey background"). The **tiny** '
+            "presets are random-weight smoke models (they run the full pipeline; what they make is noise); real "
+            "presets download their models."
         )
         for tab in TABS:
             with gr.Tab(tab, elem_id=f"tab-{tab.lower().replace(' ', '-')}"):
@@ -296,8 +316,10 @@ def _tab(gr, session: Session, tab: str):
                 )
                 frames = None
                 if kind == "video":
-                    frames = gr.Number(PRESETS[preset0].call.get("num_frames", 9) * (2 if tab == "Long video" else 1),
-                                       label="Frames", precision=0)  # fmt: skip
+                    trained = PRESETS[preset0].call.get("num_frames", 9)
+                    # Long videos open at twice the trained length, in whole VAE time chunks (1 + 4k).
+                    count = 2 * (trained - 1) + 1 if tab == "Long video" else trained
+                    frames = gr.Number(count, label="Frames", precision=0)
             compare = gr.Checkbox(False, label="Compare with dense", elem_id=f"{key}-compare")
             with gr.Row():
                 go = gr.Button("Generate", variant="primary", elem_id=f"{key}-generate")
@@ -381,11 +403,28 @@ def _tab(gr, session: Session, tab: str):
 
 def _examples(tab: str) -> list[list[str]]:
     return {
-        "Image": [["a lighthouse at dusk, oil painting"], ["a corgi on a beach"]],
-        "Video": [["a red fox runs through fresh snow"], ["waves breaking on a rocky shore"]],
-        "Long video": [["a hot air balloon drifts over mountains"], ["a koi fish swims in a pond"]],
-        "Several subjects": [["a fox and a cat in a park"], ["a fox and a cat on a sofa"]],
-        "Trajectory": [["a red ball rolls across a lawn"], ["a paper boat floats down a stream"]],
+        "Image": [
+            ["a large red circle and a small blue star over a plain grey background"],
+            ["a large yellow triangle over a textured green background"],
+        ],
+        "Video": [
+            ["a large red circle moves right over a plain black background"],
+            [
+                "a small white star moves down and a large green square moves left over a plain blue background"
+            ],
+        ],
+        "Long video": [
+            ["a large yellow square moves right over a plain grey background"],
+            ["a large purple circle moves bounce over a textured black background"],
+        ],
+        "Several subjects": [
+            ["a large red star and a large blue circle over a plain grey background"],
+            ["a large green triangle and a large yellow square over a plain black background"],
+        ],
+        "Trajectory": [
+            ["a large red circle over a plain black background"],
+            ["a large white square over a textured blue background"],
+        ],
     }[tab]
 
 

@@ -1,5 +1,6 @@
-"""Presets: named real models with their recommended settings from the papers, and a tiny random-weight
-preset per family that works offline (labelled as such everywhere)."""
+"""Presets: named real models with their recommended settings from the papers; the two trained toy models
+(`toy-image`, FLUX family; `toy-video`, Wan family), which work offline and make something meaningful; and a
+tiny random-weight preset for each other family (smoke models, labelled as such everywhere)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..training.toy_models import TOY_GEOMETRY, TOY_METHODS
 from .tiny import RANDOM_WEIGHTS_NOTE, TINY_PIPELINES, build_tiny_pipeline, tiny_call_kwargs
 
 
@@ -16,7 +18,7 @@ class Preset:
     name: str
     family: str  # attnpack family: unet, flux, wan, cogvideox, hunyuan_video
     kind: str  # "image" or "video"
-    model: str  # Hub id (or "tiny")
+    model: str  # Hub id; "tiny" for a random-weight smoke model; "assets/toy-<kind>" for a trained toy
     description: str
     call: dict[str, Any] = field(default_factory=dict)  # size, frames, steps, guidance
     dtype: str = "bfloat16"
@@ -26,7 +28,17 @@ class Preset:
 
     @property
     def is_tiny(self) -> bool:
+        """A random-weight smoke model: what it makes is noise."""
         return self.model == "tiny"
+
+    @property
+    def is_toy(self) -> bool:
+        """A trained toy model, shipped in assets/: offline, and its outputs mean something."""
+        return self.name in TOY_PRESETS
+
+    @property
+    def offline(self) -> bool:
+        return self.is_tiny or self.is_toy
 
     def settings(self, method: str) -> dict[str, Any]:
         return dict(self.methods.get(method, {}))
@@ -36,6 +48,7 @@ class Preset:
             "name": self.name, "family": self.family, "kind": self.kind, "model": self.model,
             "description": self.description, "call": self.call, "dtype": self.dtype, "offload": self.offload,
             "methods": self.methods, **({"note": RANDOM_WEIGHTS_NOTE} if self.is_tiny else {}),
+            **({"note": TOY_NOTE} if self.is_toy else {}),
         }  # fmt: skip
 
 
@@ -95,9 +108,17 @@ PRESETS: dict[str, Preset] = {
     )
 }  # fmt: skip
 
+TOY_NOTE = "trained toy model: coloured shapes of attnpack's procedural world, offline; see its model card"
+TOY_PRESETS = {"toy-image": "image", "toy-video": "video"}
+for _name, _kind in TOY_PRESETS.items():
+    PRESETS[_name] = Preset(
+        _name, "flux" if _kind == "image" else "wan", _kind, f"assets/{_name}",
+        ("FLUX-family" if _kind == "image" else "Wan-family") + f" toy {_kind} model ({TOY_NOTE})",
+        dict(TOY_GEOMETRY[_kind].call), dtype="float32", methods=TOY_METHODS[_kind],
+    )  # fmt: skip
+
 TINY_METHODS = {
     "unet": {"agent": {"max_downsample": 2}, "isolation": {"start_layer": 0}, "dense": {}},
-    "flux": {"clear": {"radius": 3}, "isolation": {"start_layer": 0}, "pooled_agent": {"agent_grid": 2}, "dense": {}},
     "sd3": {"clear": {"radius": 3}, "dense": {}},
     "wan": {"radial": {"block_size": 16}, "freenoise": {"context_length": 2, "context_stride": 1},
             "freelong": {"local_window": 2}, "trajectory": {}, "pooled_agent": {"agent_grid": 1}, "dense": {}},
@@ -113,6 +134,8 @@ TINY_VIDEO = {
     "tiny-hunyuanvideo",
 }
 for _tiny in TINY_PIPELINES.values():
+    if _tiny.name == "tiny-flux":
+        continue  # toy-image stands in for it (the random one remains for the tests)
     _methods = dict(TINY_METHODS[_tiny.family])
     if _tiny.name == "tiny-animatediff":
         _methods = {
@@ -141,6 +164,13 @@ def load_preset(name: str, *, device: str | None = None):
     if preset.is_tiny:
         pipe = build_tiny_pipeline(name)
         return pipe.to(device)
+    if preset.is_toy:
+        from ..training.toy_models import load_toy
+
+        try:
+            return load_toy(TOY_PRESETS[name], device=device)
+        except FileNotFoundError as error:
+            raise ModelUnavailable(f"preset {name!r}: {error}") from error
     import diffusers
 
     dtype = getattr(torch, preset.dtype)

@@ -20,9 +20,9 @@ def test_settings_are_checked_before_any_model_loads(monkeypatch):
     session = Session()
     monkeypatch.setattr(session, "pipe", lambda preset: pytest.fail("loaded a model for bad settings"))
     with pytest.raises(ValueError, match="not valid JSON"):
-        run_tab(session, "Image", "tiny-flux", "clear", "{radius: 3", "a fox", 0, 2, False)
+        run_tab(session, "Image", "toy-image", "clear", "{radius: 3", "a fox", 0, 2, False)
     with pytest.raises(ValueError, match="radius=-3"):
-        run_tab(session, "Image", "tiny-flux", "clear", '{"radius": -3}', "a fox", 0, 2, False)
+        run_tab(session, "Image", "toy-image", "clear", '{"radius": -3}', "a fox", 0, 2, False)
 
 
 def test_real_presets_offline_say_which_model(monkeypatch):

@@ -157,8 +157,8 @@ def test_manifest_report(tmp_path, tiny_models):
 
 def test_cli_batch_run(tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red fox\na lighthouse\n")
-    argv = ["eval", "--prompts", str(prompts), "--preset", "tiny-flux", "--method", "clear", "--param", "radius=3",
+    prompts.write_text("a large red circle over a plain grey background\na small blue star\n")
+    argv = ["eval", "--prompts", str(prompts), "--preset", "toy-image", "--method", "clear", "--param", "radius=3",
             "--seeds", "0", "1", "--out", str(tmp_path / "run")]  # fmt: skip
     assert main(argv) == 0
     assert "scored 4 outputs" in capsys.readouterr().out

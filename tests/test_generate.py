@@ -11,15 +11,17 @@ from attnpack.pipelines import PRESETS, generate, get_preset, load_preset, save
 from attnpack.pipelines.presets import ModelUnavailable
 
 
-def test_presets_cover_the_real_models_and_a_tiny_one_per_family():
+def test_presets_cover_the_real_models_the_toys_and_a_tiny_one_per_family():
     for name in ("wan2.1-t2v-1.3b", "wan2.1-t2v-14b", "wan2.2", "hunyuanvideo", "cogvideox-5b", "flux.1-dev",
                  "sdxl", "sd1.5", "animatediff", "playground-v2.5"):  # fmt: skip
         preset = get_preset(name)
         assert preset.model and preset.call["num_inference_steps"] > 0 and preset.offload
     assert get_preset("flux.1-dev").settings("clear")["weights"] == "Huage001/CLEAR"
     tiny = [p for p in PRESETS.values() if p.is_tiny]
-    assert {p.family for p in tiny} == {"unet", "flux", "sd3", "wan", "cogvideox", "hunyuan_video"}
+    assert {p.family for p in tiny} == {"unet", "sd3", "wan", "cogvideox", "hunyuan_video"}
     assert all("random-weight" in p.describe()["note"] for p in tiny)
+    toys = [p for p in PRESETS.values() if p.is_toy]
+    assert {(p.name, p.family) for p in toys} == {("toy-image", "flux"), ("toy-video", "wan")}
     with pytest.raises(ValueError, match="preset='sd9' is not known"):
         get_preset("sd9")
 
@@ -33,13 +35,13 @@ def test_real_presets_offline_name_the_model(monkeypatch):
 
 
 def test_generate_image_with_comparison(tmp_path):
-    result = generate("tiny-flux", "a red fox", method="clear", params={"radius": 3}, compare_dense=True)
+    result = generate("toy-image", "a red circle", method="clear", params={"radius": 3}, compare_dense=True)
     assert result.kind == "image" and len(result.frames) == 1 and result.dense_frames is not None
     assert result.config["params"]["radius"] == 3 and result.config["speedup"] > 0
     (path,) = save(result, tmp_path / "fox.png")
     image = Image.open(path)
     config = json.loads(image.text["attnpack"])
-    assert config["method"] == "clear" and config["preset"] == "tiny-flux"
+    assert config["method"] == "clear" and config["preset"] == "toy-image"
     assert image.width == 2 * result.frames[0].shape[1]  # dense and clear side by side
     with pytest.raises(FileExistsError, match="pass --overwrite"):
         save(result, path)
@@ -48,7 +50,7 @@ def test_generate_image_with_comparison(tmp_path):
 def test_generate_video_writes_mp4_and_sidecar(tmp_path):
     import cv2
 
-    result = generate("tiny-wan-t2v", "a red fox", method="radial")
+    result = generate("tiny-wan-t2v", "a red circle moves right", method="radial")
     written = save(result, tmp_path / "fox.mp4")
     assert [p.suffix for p in written] == [".mp4", ".json"]
     capture = cv2.VideoCapture(str(written[0]))
@@ -66,6 +68,11 @@ def test_generate_video_writes_mp4_and_sidecar(tmp_path):
         ),
         ("tiny-wan-t2v", "trajectory", {"trajectory": [[0, 0.1, 0.5, 0.1, 0.5], [8, 0.4, 0.9, 0.5, 0.9]]}),
         ("tiny-animatediff", "freenoise", {}),
+        (
+            "toy-image",
+            "isolation",
+            {"subjects": [{"name": "star", "prompt": "a red star", "box": [0.1, 0.1, 0.5, 0.9]}]},
+        ),
     ],
 )
 def test_methods_with_their_own_pipelines(preset, method, params):
@@ -74,8 +81,8 @@ def test_methods_with_their_own_pipelines(preset, method, params):
 
 
 def test_bad_requests():
-    with pytest.raises(ValueError, match="method='radial' is not offered for preset 'tiny-flux'"):
-        generate("tiny-flux", "a fox", method="radial")
+    with pytest.raises(ValueError, match="method='radial' is not offered for preset 'toy-image'"):
+        generate("toy-image", "a fox", method="radial")
     with pytest.raises(ValueError, match="needs subjects"):
         generate("tiny-sdxl", "a fox", method="isolation")
     with pytest.raises(ValueError, match="must be KEY=VALUE"):
@@ -87,7 +94,7 @@ def test_bad_requests():
 
 def test_cli_generate(tmp_path, capsys):
     out = tmp_path / "fox.png"
-    argv = ["generate", "--preset", "tiny-flux", "--method", "clear", "--param", "radius=3", "--prompt", "a fox",
+    argv = ["generate", "--preset", "toy-image", "--method", "clear", "--param", "radius=3", "--prompt", "a star",
             "--out", str(out), "--compare-dense"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
@@ -99,4 +106,4 @@ def test_cli_generate(tmp_path, capsys):
     assert main(["generate", "--preset", "nope", "--prompt", "x", "--out", str(tmp_path / "x.png")]) == 2
     assert "preset='nope' is not known" in capsys.readouterr().err
     assert main(["presets", "--json"]) == 0
-    assert "tiny-flux" in json.loads(capsys.readouterr().out)
+    assert "toy-image" in json.loads(capsys.readouterr().out)

@@ -1,4 +1,5 @@
-"""The wheel: everything under the attnpack namespace, nothing top-level besides it, importable elsewhere."""
+"""The wheel: everything under the attnpack namespace (the shipped toy models too), nothing top-level besides
+it, importable elsewhere."""
 
 import subprocess
 import sys
@@ -54,6 +55,8 @@ def test_wheel_in_a_clean_venv(tmp_path):
         name[: -len("/__init__.py")].replace("/", ".") for name in names if name.endswith("/__init__.py")
     }
     assert packaged == source_packages(), "pyproject's package list and the source folders disagree"
+    shipped = [p.relative_to(REPO).as_posix() for p in (REPO / "assets").glob("toy-*/**/*") if p.is_file()]
+    assert shipped and {f"attnpack/{name}" for name in shipped} <= set(names), "the toy models must travel"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

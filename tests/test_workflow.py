@@ -1,4 +1,4 @@
-"""Workflows: every example runs on its tiny preset, matches the schema, and bad workflows are refused
+"""Workflows: every example runs on its offline preset, matches the schema, and bad workflows are refused
 before anything runs, with the node id and the input named."""
 
 import json
@@ -49,7 +49,7 @@ def test_examples_validate_and_run(path, tmp_path):
 
 def base():
     return {
-        "1": {"class_type": "attnpack.LoadPipeline", "inputs": {"preset": "tiny-flux"}},
+        "1": {"class_type": "attnpack.LoadPipeline", "inputs": {"preset": "toy-image"}},
         "2": {"class_type": "attnpack.ApplyClear", "inputs": {"pipeline": ["1", 0], "radius": 3}},
         "3": {"class_type": "attnpack.GenerateImage", "inputs": {"pipeline": ["2", 0], "prompt": "a fox"}},
         "4": {"class_type": "attnpack.SaveImage", "inputs": {"result": ["3", 0], "filename": "fox.png"}},

@@ -349,35 +349,49 @@ def trajectory_suite(pipe, count: int, seed: int = EVAL_SEED) -> tuple[list[dict
 
 def toy_quality(image_pipe=None, video_pipe=None, *, prompts: int = 32, subjects: int = 12, videos: int = 12,
                 long_videos: int = 6, trajectories: int = 9, seed: int = EVAL_SEED) -> tuple[dict, dict]:  # fmt: skip
-    """Every suite on the shipped toy models (or the pipelines given): (result, outputs by suite)."""
+    """Every suite on the toy models given, else on the shipped ones: (result, outputs by suite). A model that
+    is neither given nor shipped is left out, with the reason in result["not_measured"]."""
+    from tqdm.auto import tqdm
+
     from ..bench.report import result_header
     from ..environment import device_info
     from ..training.toy_models import load_toy
 
-    image_pipe = image_pipe or load_toy("image")
-    video_pipe = video_pipe or load_toy("video")
-    for pipe in (image_pipe, video_pipe):
-        pipe.set_progress_bar_config(disable=True)
-    from tqdm.auto import tqdm
-
-    suites = [
-        ("image", lambda: adherence_suite(image_pipe, "image", prompts, seed)),
-        ("subjects", lambda: subjects_suite(image_pipe, subjects, seed)),
-        ("video", lambda: adherence_suite(video_pipe, "video", videos, seed)),
-        ("long video", lambda: long_video_suite(video_pipe, long_videos, seed=seed)),
-        ("trajectory", lambda: trajectory_suite(video_pipe, trajectories, seed)),
-    ]
+    pipes, missing, not_measured = {"image": image_pipe, "video": video_pipe}, {}, {}
+    for kind in pipes:
+        if pipes[kind] is None:
+            try:
+                pipes[kind] = load_toy(kind)
+            except FileNotFoundError as error:
+                missing[kind] = str(error)
+                not_measured[f"toy-{kind}"] = f"not shipped: `attnpack train toy-{kind}` trains it"
+    if len(missing) == len(pipes):
+        raise FileNotFoundError("; ".join(missing.values()))
+    for pipe in pipes.values():
+        if pipe is not None:
+            pipe.set_progress_bar_config(disable=True)
+    image_pipe, video_pipe = pipes["image"], pipes["video"]
+    suites = []
+    if image_pipe is not None:
+        suites += [("image", lambda: adherence_suite(image_pipe, "image", prompts, seed)),
+                   ("subjects", lambda: subjects_suite(image_pipe, subjects, seed))]  # fmt: skip
+    if video_pipe is not None:
+        suites += [("video", lambda: adherence_suite(video_pipe, "video", videos, seed)),
+                   ("long video", lambda: long_video_suite(video_pipe, long_videos, seed=seed)),
+                   ("trajectory", lambda: trajectory_suite(video_pipe, trajectories, seed))]  # fmt: skip
     rows, outputs = [], {}
     for name, run in tqdm(suites, desc="toy quality", unit="suite"):
         suite_rows, suite_outputs = run()
         rows.extend(suite_rows)
         outputs[name] = suite_outputs
-    device = image_pipe.device
+    device = (image_pipe or video_pipe).device
     result = result_header("toy-quality", device_info(device), torch.float32, {"seed": seed},
                            ["held-out world prompts; figures from OpenCV shape detection (attnpack.eval.shapes)"])  # fmt: skip
     result["counts"] = {"prompts": prompts, "subjects": subjects, "videos": videos, "long_videos": long_videos,
                         "trajectories": trajectories}  # fmt: skip
     result["rows"] = rows
+    if not_measured:
+        result["not_measured"] = not_measured
     return result, outputs
 
 
@@ -391,6 +405,8 @@ def _cell(value, digits: int = 2) -> str:
 
 
 def _table(title: str, columns: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:  # a suite that did not run
+        return []
     return [title, "", "| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns),
             *("| " + " | ".join(row) + " |" for row in rows), ""]  # fmt: skip
 
@@ -439,6 +455,7 @@ def quality_tables(result: dict) -> str:
                 "boxes; found: frames where the shape is found)",
                 ["method", "centroid distance", "mIoU", "found", "s / video"], trajectory),
     ]  # fmt: skip
+    lines += [f"Not measured: {model} ({why})." for model, why in result.get("not_measured", {}).items()]
     return "\n".join(lines)
 
 

@@ -242,6 +242,15 @@ def shipped_path(kind: str) -> Path:
     )
 
 
+def toy_shipped(kind: str) -> bool:
+    """Whether the trained toy model of `kind` is in this checkout (or wheel)."""
+    try:
+        shipped_path(kind)
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def load_toy(kind: str, path: str | Path | None = None, *, device: str | torch.device | None = None):
     """The trained toy model as a diffusers pipeline, through `from_pretrained` (offline: the files are local)."""
     from diffusers import DiffusionPipeline
