@@ -38,6 +38,7 @@ class Preset:
 
     @property
     def offline(self) -> bool:
+        """Loads without the network (`attnpack presets --json` says so per preset)."""
         return self.is_tiny or self.is_toy
 
     def settings(self, method: str) -> dict[str, Any]:
@@ -47,7 +48,8 @@ class Preset:
         return {
             "name": self.name, "family": self.family, "kind": self.kind, "model": self.model,
             "description": self.description, "call": self.call, "dtype": self.dtype, "offload": self.offload,
-            "methods": self.methods, **({"note": RANDOM_WEIGHTS_NOTE} if self.is_tiny else {}),
+            "methods": self.methods, "offline": self.offline,
+            **({"note": RANDOM_WEIGHTS_NOTE} if self.is_tiny else {}),
             **({"note": TOY_NOTE} if self.is_toy else {}),
         }  # fmt: skip
 

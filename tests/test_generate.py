@@ -22,6 +22,7 @@ def test_presets_cover_the_real_models_the_toys_and_a_tiny_one_per_family():
     assert all("random-weight" in p.describe()["note"] for p in tiny)
     toys = [p for p in PRESETS.values() if p.is_toy]
     assert {(p.name, p.family) for p in toys} == {("toy-image", "flux"), ("toy-video", "wan")}
+    assert all(p.describe()["offline"] for p in tiny + toys) and not get_preset("sdxl").describe()["offline"]
     with pytest.raises(ValueError, match="preset='sd9' is not known"):
         get_preset("sd9")
 

@@ -77,6 +77,9 @@ def test_shipped_models_meet_their_recorded_adherence(kind, toys):
 def test_a_toy_not_shipped_says_how_to_train_it():
     with pytest.raises(ModelUnavailable, match=r"preset 'toy-video': .* `attnpack train toy-video --out"):
         load_preset("toy-video", device="cpu")
+
+
+def test_shipped_path_names_the_kinds():
     with pytest.raises(ValueError, match="kind='sound' is not a toy model; accepted: image, video"):
         shipped_path("sound")
 
