@@ -112,8 +112,10 @@ def test_the_quality_suite_covers_every_method(toys, tmp_path, capsys, monkeypat
     assert {("toy-video", "trajectory", m) for m in ("dense", "trajectory")} <= methods
     long_rows = [r for r in result["rows"] if r["task"] == "long video"]
     assert {(r["method"], r["frames"]) for r in long_rows} == {
-        (m, f) for m in ("dense", "freenoise", "freelong") for f in (33, 65)
+        (m, f) for m in ("world videos", "VAE round trip", "dense", "freenoise", "freelong") for f in (33, 65)
     }
+    world_65 = next(r for r in long_rows if (r["method"], r["frames"]) == ("world videos", 65))
+    assert world_65["measures"]["identity"] > 0.9  # the ceiling at 4x the trained length: the world's own
     for row in result["rows"]:
         assert all(np.isfinite(v) or k == "centroid_distance" for k, v in row["measures"].items()), row
     tables = quality_tables(result)

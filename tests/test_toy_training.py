@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import AutoencoderKL
 from safetensors.torch import load_file
 
 from attnpack.cli import main
@@ -17,8 +18,13 @@ from attnpack.eval.shapes import (
     scene_adherence,
 )
 from attnpack.eval.toy import video_adherence
-from attnpack.training.toy import RECIPES, WorkFolder, train_toy
-from attnpack.training.toy_models import SPECIAL_TOKENS, load_toy, word_tokenizer
+from attnpack.training.toy import RECIPES, WorkFolder, init_posterior_logvar, train_toy, vae_batch
+from attnpack.training.toy_models import (
+    SPECIAL_TOKENS,
+    build_toy_video,
+    load_toy,
+    word_tokenizer,
+)
 from attnpack.training.world import VOCABULARY, Scene, Thing, caption, parse_caption, sample
 
 
@@ -132,6 +138,37 @@ def test_recipes_refuse_bad_settings():
         RECIPES["video"].with_overrides(vae_clip_frames=8)
     with pytest.raises(ValueError, match=r"unknown recipe settings \['lr'\]"):
         RECIPES["video"].with_overrides(lr=1.0)
+    with pytest.raises(ValueError, match="vae_long_frames=32"):
+        RECIPES["video"].with_overrides(vae_long_frames=32)
+    with pytest.raises(ValueError, match=r"vae_long_share=1\.5 must be in \[0, 1\]"):
+        RECIPES["video"].with_overrides(vae_long_share=1.5)
+
+
+def test_the_video_vae_goes_from_single_frames_to_whole_long_videos():
+    recipe = RECIPES["video"].with_overrides(vae_steps=10, vae_image_share=0.3, vae_long_share=0.2)
+    shapes = [tuple(vae_batch(recipe, step).shape) for step in range(10)]
+    assert shapes == [(30, 3, 1, 64, 64)] * 3 + [(6, 3, 5, 64, 64)] * 5 + [(1, 3, 33, 64, 64)] * 2
+    assert vae_batch(recipe, 8).equal(vae_batch(recipe, 8))  # drawn from the seed and step: resumes agree
+    with pytest.raises(ValueError, match=r"vae_image_share \+ vae_long_share = 1\.1 must be <= 1"):
+        recipe.with_overrides(vae_image_share=0.9)
+
+
+def test_the_video_vae_starts_with_a_narrow_posterior():
+    def widest_std(vae):
+        with torch.no_grad():
+            return vae.encode(torch.rand(1, 3, 5, 64, 64) * 2 - 1).latent_dist.std.max().item()
+
+    vae = build_toy_video(0).vae
+    assert (
+        widest_std(vae) > 0.5
+    )  # diffusers' init: latents nearly all noise, what the first video VAE learnt from
+    init_posterior_logvar(vae, RECIPES["video"].vae_logvar_init)
+    assert widest_std(vae) < 0.1  # about exp(-6 / 2)
+
+    flat = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4, use_quant_conv=False)
+    init_posterior_logvar(flat, 0.0)  # 0: the VAE as built, whatever its layers
+    with pytest.raises(ValueError, match=r"vae_logvar_init=-6\.0 needs a VAE with a quant_conv"):
+        init_posterior_logvar(flat, -6.0)
 
 
 @pytest.mark.slow

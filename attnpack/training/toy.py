@@ -45,7 +45,19 @@ class ToyRecipe:
     steps: int  # denoiser steps
     batch: int
     vae_learning_rate: float = 1e-3  # after 100 warm-up steps, cosine down to a tenth
-    vae_clip_frames: int = 9  # video VAE: frames per training clip (1 + 4k)
+    # Video VAE: frames per training clip (1 + 4k). It encodes and decodes chunk by chunk (4 frames, 1 latent
+    # frame) through a causal cache, a recurrence: trained on 5- or 9-frame clips only, it drifts after frame
+    # 5 / 9; trained on few scenes a step (2 clips of 17 frames, or 6 of 5) it learns the shapes slowly or not
+    # at all. So the first `vae_image_share` of the steps on single frames of many scenes (the spatial code),
+    # then clips, then the last `vae_long_share` on whole world videos of `vae_long_frames` (each a prefix of
+    # longer ones, by causality); every step the same number of frames, vae_batch x vae_clip_frames.
+    vae_clip_frames: int = 5
+    vae_image_share: float = 0.0
+    vae_long_share: float = 0.0
+    vae_long_frames: int = 33
+    # Bias of the posterior's log-variance at init: 0 keeps diffusers' init. The video VAE starts at -6, since
+    # from unit variance its latents stayed so noisy that it only learnt the flat background.
+    vae_logvar_init: float = 0.0
     kl_weight: float = 1e-6
     learning_rate: float = 3e-4
     warmup: int = 200
@@ -71,9 +83,15 @@ class ToyRecipe:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1)")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay={self.ema_decay!r} must be in [0, 1)")
-        if self.vae_clip_frames % 4 != 1:
+        for name in ("vae_clip_frames", "vae_long_frames"):
+            if getattr(self, name) % 4 != 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be 1 + 4k (the VAE's time chunks)")
+        for name in ("vae_image_share", "vae_long_share"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be in [0, 1]")
+        if self.vae_image_share + self.vae_long_share > 1:
             raise ValueError(
-                f"vae_clip_frames={self.vae_clip_frames!r} must be 1 + 4k (the VAE's time chunks)"
+                f"vae_image_share + vae_long_share = {self.vae_image_share + self.vae_long_share:g} must be <= 1"
             )
 
     @property
@@ -90,16 +108,31 @@ class ToyRecipe:
 
 RECIPES = {
     "image": ToyRecipe("image", samples=50_000, vae_steps=3000, vae_batch=16, steps=12_000, batch=32),
-    "video": ToyRecipe("video", samples=8_000, vae_steps=2000, vae_batch=2, steps=12_000, batch=8),
+    # The first video VAE (2 clips of 9 frames a step, lr 1e-3, diffusers' posterior init) stayed on a plateau
+    # and learnt only the background: this one sees 6 short clips a step, a lower rate, a narrow posterior.
+    "video": ToyRecipe(
+        "video",
+        samples=5_000,
+        vae_steps=3000,
+        vae_batch=6,
+        steps=8000,
+        batch=8,
+        vae_learning_rate=5e-4,
+        vae_clip_frames=5,
+        vae_image_share=0.3,
+        vae_long_share=0.3,
+        vae_long_frames=33,
+        vae_logvar_init=-6.0,
+    ),
 }
 
 
 # ---- the world as training data
 
 
-def world_sample(recipe: ToyRecipe, seed: int):
+def world_sample(recipe: ToyRecipe, seed: int, frames: int | None = None):
     geometry = recipe.geometry
-    return sample(seed, size=geometry.size, frames=geometry.frames, max_things=recipe.max_things)
+    return sample(seed, size=geometry.size, frames=frames or geometry.frames, max_things=recipe.max_things)
 
 
 def pixels(frames: np.ndarray) -> torch.Tensor:
@@ -110,11 +143,22 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
 def vae_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
     """Step `step`'s VAE batch: images (B, 3, H, W) or clips (B, 3, F, H, W), drawn from the seed and step."""
     rng = np.random.default_rng([recipe.seed, 1, step])
-    seeds = rng.integers(0, recipe.samples, recipe.vae_batch)
     if recipe.kind == "image":
+        seeds = rng.integers(0, recipe.samples, recipe.vae_batch)
         return torch.stack([pixels(world_sample(recipe, int(s)).frames)[:, 0] for s in seeds])
+    frames_a_step = recipe.vae_batch * recipe.vae_clip_frames
+    if step < round(recipe.vae_steps * recipe.vae_image_share):
+        seeds = rng.integers(0, recipe.samples, frames_a_step)
+        picks = rng.integers(0, recipe.geometry.frames, frames_a_step)
+        return torch.stack(
+            [pixels(world_sample(recipe, int(s)).frames[[p]]) for s, p in zip(seeds, picks, strict=True)]
+        )
+    if step >= recipe.vae_steps - round(recipe.vae_steps * recipe.vae_long_share):
+        frames = recipe.vae_long_frames
+        seeds = rng.integers(0, recipe.samples, max(1, frames_a_step // frames))
+        return torch.stack([pixels(world_sample(recipe, int(s), frames).frames) for s in seeds])
     clips = []
-    for s in seeds:
+    for s in rng.integers(0, recipe.samples, recipe.vae_batch):
         frames = world_sample(recipe, int(s)).frames
         start = int(rng.integers(0, len(frames) - recipe.vae_clip_frames + 1))
         clips.append(pixels(frames[start : start + recipe.vae_clip_frames]))
@@ -236,9 +280,24 @@ class _Loop:
 # ---- stage 1: the VAE
 
 
+def init_posterior_logvar(vae, bias: float) -> None:
+    """Set the bias of the convolution that yields the posterior's log-variance (the second half of the
+    moments' channels) to `bias`; 0 leaves the VAE as built."""
+    if bias == 0:
+        return
+    moments = getattr(vae, "quant_conv", None)
+    if moments is None or moments.bias is None:
+        raise ValueError(
+            f"vae_logvar_init={bias!r} needs a VAE with a quant_conv; {type(vae).__name__} has none"
+        )
+    with torch.no_grad():
+        moments.bias[moments.bias.shape[0] // 2 :] = bias
+
+
 def train_vae(pipe, recipe: ToyRecipe, work: WorkFolder, accelerator) -> None:
     vae = pipe.vae
     vae.train()
+    init_posterior_logvar(vae, recipe.vae_logvar_init)  # a resumed run loads its checkpoint over this
     optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_learning_rate, weight_decay=0.0)
     total = max(recipe.vae_steps, 1)
     schedule = torch.optim.lr_scheduler.LambdaLR(
