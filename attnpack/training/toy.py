@@ -109,7 +109,7 @@ class ToyRecipe:
 RECIPES = {
     "image": ToyRecipe("image", samples=50_000, vae_steps=3000, vae_batch=16, steps=12_000, batch=32),
     # The first video VAE (2 clips of 9 frames a step, lr 1e-3, diffusers' posterior init) stayed on a plateau
-    # and learnt only the background: this one sees 6 short clips a step, a lower rate, a narrow posterior.
+    # and learnt only the background: this one has a narrow posterior, a lower rate and the three phases above.
     "video": ToyRecipe(
         "video",
         samples=5_000,
