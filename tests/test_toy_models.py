@@ -73,8 +73,10 @@ def test_shipped_models_meet_their_recorded_adherence(kind, toys):
         )
 
 
-@pytest.mark.skipif(toy_shipped("video"), reason="the toy video model is shipped")
-def test_a_toy_not_shipped_says_how_to_train_it():
+def test_a_toy_not_shipped_says_how_to_train_it(tmp_path, monkeypatch):
+    import attnpack.training.toy_models as toy_models
+
+    monkeypatch.setattr(toy_models, "__file__", str(tmp_path / "attnpack" / "training" / "toy_models.py"))
     with pytest.raises(ModelUnavailable, match=r"preset 'toy-video': .* `attnpack train toy-video --out"):
         load_preset("toy-video", device="cpu")
 

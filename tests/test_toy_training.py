@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 from safetensors.torch import load_file
 
 from attnpack.cli import main
@@ -18,7 +19,14 @@ from attnpack.eval.shapes import (
     scene_adherence,
 )
 from attnpack.eval.toy import video_adherence
-from attnpack.training.toy import RECIPES, WorkFolder, init_posterior_logvar, train_toy, vae_batch
+from attnpack.training.toy import (
+    RECIPES,
+    WorkFolder,
+    init_per_frame,
+    init_posterior_logvar,
+    train_toy,
+    vae_batch,
+)
 from attnpack.training.toy_models import (
     SPECIAL_TOKENS,
     build_toy_video,
@@ -151,6 +159,8 @@ def test_the_video_vae_goes_from_single_frames_to_whole_long_videos():
     assert vae_batch(recipe, 8).equal(vae_batch(recipe, 8))  # drawn from the seed and step: resumes agree
     with pytest.raises(ValueError, match=r"vae_image_share \+ vae_long_share = 1\.1 must be <= 1"):
         recipe.with_overrides(vae_image_share=0.9)
+    shipped = RECIPES["video"]  # single frames throughout: the per-frame start holds at every length
+    assert {tuple(vae_batch(shipped, s).shape) for s in (0, shipped.vae_steps - 1)} == {(30, 3, 1, 64, 64)}
 
 
 def test_the_video_vae_starts_with_a_narrow_posterior():
@@ -169,6 +179,29 @@ def test_the_video_vae_starts_with_a_narrow_posterior():
     init_posterior_logvar(flat, 0.0)  # 0: the VAE as built, whatever its layers
     with pytest.raises(ValueError, match=r"vae_logvar_init=-6\.0 needs a VAE with a quant_conv"):
         init_posterior_logvar(flat, -6.0)
+
+
+def test_the_video_vae_starts_as_an_image_vae_frame_by_frame():
+    vae = build_toy_video(0).vae.eval()
+    init_per_frame(vae)
+    video = torch.rand(1, 3, 9, 64, 64) * 2 - 1
+
+    def round_trip(x):
+        return vae.decode(vae.encode(x).latent_dist.mode()).sample
+
+    with torch.no_grad():
+        whole = round_trip(video)
+        # each latent frame holds the last of its 4 frames (frame 0 alone), decoded 4 times over
+        for kept, frames in ((0, [0]), (4, [1, 2, 3, 4]), (8, [5, 6, 7, 8])):
+            alone = round_trip(video[:, :, kept : kept + 1])[:, :, 0]
+            for frame in frames:
+                torch.testing.assert_close(whole[:, :, frame], alone, rtol=0, atol=1e-5)
+    # and the single-frame phase keeps it so: the past taps get no gradient from single frames
+    vae.train()
+    round_trip(video[:, :, :1]).square().mean().backward()
+    past = [m.weight.grad[:, :, :-1] for m in vae.modules()
+        if isinstance(m, WanCausalConv3d) and m.kernel_size[0] > 1 and m.weight.grad is not None]  # fmt: skip
+    assert past and all(g.abs().max() == 0 for g in past)
 
 
 @pytest.mark.slow
