@@ -99,11 +99,11 @@ def test_ui_formats_become_api_format():
     api = workflow.load(Path(__file__).parent.parent / "workflows" / "freelong.json")
     assert api["2"] == {
         "class_type": "attnpack.ApplyFreelong",
-        "inputs": {"pipeline": ["1", 0], "local_window": 4, "spatial_cutoff": 0.25, "temporal_cutoff": 0.25,
+        "inputs": {"pipeline": ["1", 0], "local_window": 5, "spatial_cutoff": 0.25, "temporal_cutoff": 0.25,
                    "skip_highest_resolution": False, "band_windows": []},
     }  # fmt: skip
     api = workflow.load(Path(__file__).parent.parent / "workflows" / "trajectory.json")
-    assert api["3"]["inputs"]["pipeline"] == ["2", 0] and api["2"]["inputs"]["rope_steps"] == 1
+    assert api["3"]["inputs"]["pipeline"] == ["2", 0] and api["2"]["inputs"]["rope_steps"] == 5
 
 
 def test_cli_run(tmp_path, capsys):

@@ -588,11 +588,16 @@ def _video_vae_phases(recipe) -> str:
     image = round(recipe.vae_steps * recipe.vae_image_share)
     long = round(recipe.vae_steps * recipe.vae_long_share)
     frames = recipe.vae_batch * recipe.vae_clip_frames
-    return (
-        f"; started frame by frame (`init_per_frame`), then {image} steps of {frames} single frames, "
-        f"{recipe.vae_steps - image - long} of {recipe.vae_batch} clips of {recipe.vae_clip_frames} frames, "
-        f"{long} of {max(1, frames // recipe.vae_long_frames)} whole world video(s) of {recipe.vae_long_frames} frames"
-    )
+    phases = [
+        (image, f"{frames} single frames"),
+        (recipe.vae_steps - image - long, f"{recipe.vae_batch} clips of {recipe.vae_clip_frames} frames"),
+        (
+            long,
+            f"{max(1, frames // recipe.vae_long_frames)} whole world videos of {recipe.vae_long_frames} frames",
+        ),
+    ]
+    steps = ", then ".join(f"{count} steps of {what}" for count, what in phases if count)
+    return f"; started frame by frame (`init_per_frame`), {steps}"
 
 
 def _card(recipe, log, metrics, weights, device, mixed_precision, *versions) -> str:
