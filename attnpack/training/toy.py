@@ -146,6 +146,17 @@ def pixels(frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
+def vae_phases(recipe: ToyRecipe) -> tuple[int, int, int]:
+    """Steps of the video VAE's phases: (single frames, clips, whole long videos)."""
+    image = round(recipe.vae_steps * recipe.vae_image_share)
+    long = round(recipe.vae_steps * recipe.vae_long_share)
+    return image, recipe.vae_steps - image - long, long
+
+
+def long_videos_a_step(recipe: ToyRecipe) -> int:
+    return max(1, recipe.vae_batch * recipe.vae_clip_frames // recipe.vae_long_frames)
+
+
 def vae_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
     """Step `step`'s VAE batch: images (B, 3, H, W) or clips (B, 3, F, H, W), drawn from the seed and step."""
     rng = np.random.default_rng([recipe.seed, 1, step])
@@ -153,15 +164,16 @@ def vae_batch(recipe: ToyRecipe, step: int) -> torch.Tensor:
         seeds = rng.integers(0, recipe.samples, recipe.vae_batch)
         return torch.stack([pixels(world_sample(recipe, int(s)).frames)[:, 0] for s in seeds])
     frames_a_step = recipe.vae_batch * recipe.vae_clip_frames
-    if step < round(recipe.vae_steps * recipe.vae_image_share):
+    image_steps, clip_steps, _ = vae_phases(recipe)
+    if step < image_steps:
         seeds = rng.integers(0, recipe.samples, frames_a_step)
         picks = rng.integers(0, recipe.geometry.frames, frames_a_step)
         return torch.stack(
             [pixels(world_sample(recipe, int(s)).frames[[p]]) for s, p in zip(seeds, picks, strict=True)]
         )
-    if step >= recipe.vae_steps - round(recipe.vae_steps * recipe.vae_long_share):
+    if step >= image_steps + clip_steps:
         frames = recipe.vae_long_frames
-        seeds = rng.integers(0, recipe.samples, max(1, frames_a_step // frames))
+        seeds = rng.integers(0, recipe.samples, long_videos_a_step(recipe))
         return torch.stack([pixels(world_sample(recipe, int(s), frames).frames) for s in seeds])
     clips = []
     for s in rng.integers(0, recipe.samples, recipe.vae_batch):
@@ -304,9 +316,9 @@ def init_per_frame(vae) -> None:
     """Start a causal video VAE as an image VAE applied frame by frame: every causal convolution sees only the
     current frame (its past taps zero, the current one scaled to keep the variance), temporal downsampling
     keeps the last frame of each step and temporal upsampling repeats it. Trained on single frames it stays
-    exactly that (the past taps get no gradient), and every length round-trips with no recurrence; the clip
-    phases then learn the motion between kept frames. Started from random temporal layers instead, it learnt
-    the later frames of each chunk slowly (they faded from the first frame's content)."""
+    exactly that (the past taps get no gradient) and round-trips every length alike; clip phases after it
+    would learn the motion between kept frames, but brought back an error past the clip length (RECIPES).
+    Started from random temporal layers instead, it learnt the later frames of each chunk slowly."""
     from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
     with torch.no_grad():
@@ -585,18 +597,10 @@ def _stage_summary(log, stage: str) -> str:
 
 
 def _video_vae_phases(recipe) -> str:
-    image = round(recipe.vae_steps * recipe.vae_image_share)
-    long = round(recipe.vae_steps * recipe.vae_long_share)
     frames = recipe.vae_batch * recipe.vae_clip_frames
-    phases = [
-        (image, f"{frames} single frames"),
-        (recipe.vae_steps - image - long, f"{recipe.vae_batch} clips of {recipe.vae_clip_frames} frames"),
-        (
-            long,
-            f"{max(1, frames // recipe.vae_long_frames)} whole world videos of {recipe.vae_long_frames} frames",
-        ),
-    ]
-    steps = ", then ".join(f"{count} steps of {what}" for count, what in phases if count)
+    what = (f"{frames} single frames", f"{recipe.vae_batch} clips of {recipe.vae_clip_frames} frames",
+            f"{long_videos_a_step(recipe)} whole world videos of {recipe.vae_long_frames} frames")  # fmt: skip
+    steps = ", then ".join(f"{n} steps of {w}" for n, w in zip(vae_phases(recipe), what, strict=True) if n)
     return f"; started frame by frame (`init_per_frame`), {steps}"
 
 
