@@ -15,7 +15,7 @@ import torch
 
 from .backend import ENV_VAR, current_backend, set_backend, use_backend
 from .bipartite_match import best_match
-from .block_sparse_attention import block_sparse_attention
+from .block_sparse_attention import block_sparse_attention, block_sparse_attention_backward
 from .dense import dense_attention
 from .temporal_windows import global_local_attention, local_window_attention, windowed_attention
 
@@ -80,6 +80,7 @@ __all__ = [
     "backends",
     "best_match",
     "block_sparse_attention",
+    "block_sparse_attention_backward",
     "current_backend",
     "dense_attention",
     "global_local_attention",

@@ -8,6 +8,11 @@ Backends: "triton" (attnpack's kernels: forward and backward), "reference" (floa
 "sdpa" (SDPA with the dense mask). "auto" picks Triton on CUDA; elsewhere SDPA with the dense mask, which
 is what stock diffusers computes there, or the reference when the LSE is asked for.
 A query row with no allowed key returns zeros (and an LSE of -inf), whatever the backend.
+
+    dq, dk, dv = block_sparse_attention_backward(grad_out, q, k, v, out, lse, pattern)
+
+is the backward of one part of a larger attention, given that attention's `out` and `lse`: ring
+attention runs it on each key chunk (Triton on CUDA, the reference elsewhere).
 """
 
 from __future__ import annotations
@@ -18,7 +23,11 @@ import os
 import torch
 
 from ..backend import current_backend
-from .reference import block_sparse_attention_reference, head_mask
+from .reference import (
+    block_sparse_attention_backward_reference,
+    block_sparse_attention_reference,
+    head_mask,
+)
 
 logger = logging.getLogger("attnpack")
 
@@ -111,6 +120,20 @@ class _TritonBlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+def _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse: bool) -> tuple[float, str]:
+    """Check the arguments; the softmax scale and the backend that runs."""
+    _check(q, k, v, pattern)
+    if key_padding is not None and (
+        key_padding.shape != (k.shape[0], k.shape[1]) or key_padding.dtype != torch.bool
+    ):
+        raise ValueError(
+            f"block_sparse_attention: key_padding must be a bool tensor of shape (B, Sk) = "
+            f"{(k.shape[0], k.shape[1])}; got {key_padding.dtype} {tuple(key_padding.shape)}"
+        )
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return scale, resolve_backend(backend, q.device, need_lse=need_lse)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -128,16 +151,7 @@ def block_sparse_attention(
     (padded text tokens). Returns the output (B, Sq, H, D), and with `return_lse` also the natural-log LSE
     (B, Sq, H) float32. Differentiable on every backend (the Triton backend with its own backward kernels).
     """
-    _check(q, k, v, pattern)
-    if key_padding is not None and (
-        key_padding.shape != (k.shape[0], k.shape[1]) or key_padding.dtype != torch.bool
-    ):
-        raise ValueError(
-            f"block_sparse_attention: key_padding must be a bool tensor of shape (B, Sk) = "
-            f"{(k.shape[0], k.shape[1])}; got {key_padding.dtype} {tuple(key_padding.shape)}"
-        )
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    name = resolve_backend(backend, q.device, need_lse=return_lse)
+    scale, name = _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse=return_lse)
     if name == "triton":
         key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
         out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale, key_ok)
@@ -162,4 +176,40 @@ def block_sparse_attention(
     return (out, lse) if return_lse else out
 
 
-__all__ = ["BACKENDS", "block_sparse_attention", "block_sparse_attention_reference", "resolve_backend"]
+def block_sparse_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    pattern,
+    *,
+    scale: float | None = None,
+    key_padding: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dq, dk, dv of q's attention over k, v where `pattern` allows it, when these keys are one part of a
+    larger attention whose output is `out` (B, Sq, H, D) and natural-log LSE `lse` (B, Sq, H): the
+    softmax weights here are exp(s - lse). With every key in k, this is the plain backward."""
+    scale, name = _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse=True)
+    if name == "triton":
+        from . import triton_kernels
+
+        key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
+        lse = lse.transpose(1, 2).contiguous()
+        return triton_kernels.backward(grad_out.contiguous(), q, k, v, out, lse, pattern, scale, key_ok)
+    if name != "reference":
+        _log_once(
+            f"block_sparse_attention_backward: no {name} backward of a key chunk, running the reference"
+        )
+    return block_sparse_attention_backward_reference(grad_out, q, k, v, out, lse, pattern, scale, key_padding)
+
+
+__all__ = [
+    "BACKENDS",
+    "block_sparse_attention",
+    "block_sparse_attention_backward",
+    "block_sparse_attention_reference",
+    "resolve_backend",
+]
