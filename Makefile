@@ -55,7 +55,9 @@ $(STAMP): pyproject.toml
 		$(BIN)/python -m pip install torch; \
 	else \
 		echo "no CUDA GPU found: installing the CPU build of torch from $(TORCH_CPU_INDEX)"; \
-		$(BIN)/python -m pip install --index-url $(TORCH_CPU_INDEX) torch; \
+		$(BIN)/python -m pip install --retries 1 --timeout 20 --index-url $(TORCH_CPU_INDEX) torch || { \
+			echo "$(TORCH_CPU_INDEX) unreachable: installing torch from the default index"; \
+			$(BIN)/python -m pip install torch; }; \
 	fi
 	$(BIN)/python -m pip install -e ".[dev]"
 	@touch $@
