@@ -28,6 +28,7 @@ from .methods import (
     Subject,
     TrajectoryRoPE,
 )
+from .parallel import context_parallel_plan
 
 try:
     __version__ = version("attnpack")
@@ -55,5 +56,6 @@ __all__ = [
     "__version__",
     "apply",
     "attach",
+    "context_parallel_plan",
     "remove",
 ]

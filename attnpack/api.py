@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from . import parallel
 from .context import SITE_ATTR, AttentionSite, AttnContext, DenoiserHook, StepCounter
 from .families import FAMILIES, Family, family_of
 from .families.base import processor_of
@@ -29,6 +31,22 @@ class Attachment:
     hooks: list[Any]
     steps: StepCounter | None
     handles: list[Handle] = field(default_factory=list)
+
+    def site_of(self, module: torch.nn.Module) -> AttentionSite | None:
+        return next((site for m, site in self.modules if m is module), None)
+
+
+def restore_processor(module: torch.nn.Module, site: AttentionSite | None, processor: Any) -> None:
+    """Put a processor back; under diffusers' context parallelism it gets the model's config, which
+    `enable_parallelism` gave only to the processors installed when it ran (attnpack's, if it came after)."""
+    module.set_processor(processor)
+    config = parallel.context_parallel_config(site.denoiser_model if site is not None else None)
+    if (
+        config is not None
+        and config.context_parallel_config is not None
+        and hasattr(processor, "_parallel_config")
+    ):
+        processor._parallel_config = config
 
 
 def attach(pipe) -> AttnContext:
@@ -76,6 +94,7 @@ def attach(pipe) -> AttnContext:
                 role_index=role_counts.get(role, 0),
                 context=context,
                 stock_processor=adapter.default_processor() if is_method else processor,
+                model=weakref.ref(model),
             )
             index += 1
             role_counts[role] = role_counts.get(role, 0) + 1
@@ -115,6 +134,13 @@ def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
             f"(layer roles {roles}); this pipeline has {found}, with no such layer"
         )
     sites = dict(attachment.modules)
+    for (
+        module
+    ) in targets:  # under diffusers' parallelism: refuse what would be wrong, before changing anything
+        site = sites[module]
+        config = parallel.context_parallel_config(site.denoiser_model)
+        if config is not None:
+            parallel.check_supported(method, site.family, site.role, config)
     processors = {module: method.processor_for(module, sites[module]) for module in targets}
     undo = method.install(processors, {attr: model for attr, (model, _) in attachment.denoisers.items()})
     handle = Handle(attachment, method, {}, undo)
@@ -133,11 +159,20 @@ def remove(pipe) -> bool:
     attachment: Attachment | None = getattr(pipe, STATE_ATTR, None)
     if attachment is None:
         return False
+    for attr, (model, family) in attachment.denoisers.items():
+        config = parallel.context_parallel_config(model)
+        if config is not None and family.name == "hunyuan_video":
+            raise RuntimeError(
+                f"attnpack.remove: {attr} is a HunyuanVideo model under {parallel.describe(config)}, which "
+                "diffusers' own HunyuanVideo processors cannot run (their text mask is wrong on every rank but "
+                "the first); attnpack stays in. Remove single methods with handle.remove() and keep "
+                "attnpack.apply(pipe, 'dense'), which reproduces the stock processor exactly"
+            )
     for handle in reversed(list(attachment.handles)):
         handle.remove()
     for module, site in attachment.modules:
         if isinstance(processor_of(module), AttentionMethod):
-            module.set_processor(site.stock_processor)
+            restore_processor(module, site, site.stock_processor)
         if getattr(module, SITE_ATTR, None) is site:
             delattr(module, SITE_ATTR)
     for hook in attachment.hooks:
@@ -174,7 +209,7 @@ class Handle:
             if later:
                 later[0].replaced[module] = previous
             elif module.processor is self.installed[module]:
-                module.set_processor(previous)
+                restore_processor(module, self.attachment.site_of(module), previous)
         if self.undo is not None:
             self.undo()
         handles.remove(self)

@@ -37,6 +37,7 @@ class AttnContext:
         grid: token grid of the last denoiser input after patch embedding: (H, W) for images, (F, H, W)
             for videos. UNet layers at lower resolutions derive their own grid from it.
         text_len: text tokens of the last denoiser call.
+        text_mask: (B, text_len) bool, the real text tokens, for families that pad the text (HunyuanVideo).
         batch_size: batch of the last denoiser call.
         denoiser: attribute name of the denoiser that ran last ("transformer", "transformer_2", "unet").
         site: the attention layer being computed right now (set by attnpack processors).
@@ -48,6 +49,7 @@ class AttnContext:
         self.timestep: torch.Tensor | float | None = None
         self.grid: tuple[int, ...] | None = None
         self.text_len: int | None = None
+        self.text_mask: torch.Tensor | None = None
         self.batch_size: int | None = None
         self.denoiser: str | None = None
         self.site: AttentionSite | None = None
@@ -103,6 +105,11 @@ class AttentionSite:
     role_index: int  # among those with the same role
     context: AttnContext | None
     stock_processor: Any = field(repr=False)  # the processor the module had when it was attached
+    model: Any = field(default=None, repr=False)  # weakref to the denoiser: its context-parallel config
+
+    @property
+    def denoiser_model(self) -> torch.nn.Module | None:
+        return None if self.model is None else self.model()
 
 
 SITE_ATTR = "_attnpack_site"
@@ -147,6 +154,7 @@ class DenoiserHook:
         ctx.denoiser = self.denoiser_name
         ctx.timestep = inputs.get("timestep")
         self.family.read_inputs(module, inputs, ctx)
+        self.family.check_parallel(module, ctx)
         if self.steps is not None and not ctx._manual_steps:
             self.steps.refresh()
         return None

@@ -272,23 +272,27 @@ def _single_level_vae(latent_channels: int):
     )
 
 
-def build_flux(seed: int = 0):
-    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+def flux_transformer():
+    """The tiny FLUX denoiser: one double-stream and two single-stream blocks, 2 heads of 16."""
+    from diffusers import FluxTransformer2DModel
 
-    transformer = _seeded(
-        seed,
-        lambda: FluxTransformer2DModel(
-            patch_size=1,
-            in_channels=4,
-            num_layers=1,
-            num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            pooled_projection_dim=32,
-            axes_dims_rope=[4, 4, 8],
-        ),
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
     )
+
+
+def build_flux(seed: int = 0):
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    transformer = _seeded(seed, flux_transformer)
     vae = _seeded(seed, lambda: _single_level_vae(latent_channels=1))
     return _finish(
         FluxPipeline(
@@ -354,7 +358,7 @@ def _wan_vae():
     )
 
 
-def _wan_transformer(**overrides):
+def wan_transformer(**overrides):
     from diffusers import WanTransformer3DModel
 
     config = dict(
@@ -383,8 +387,8 @@ def build_wan_t2v(seed: int = 0, two_experts: bool = False):
         WanPipeline(
             tokenizer=t5_tokenizer(),
             text_encoder=_seeded(seed, lambda: t5_text_encoder(32, umt5=True)),
-            transformer=_seeded(seed, _wan_transformer),
-            transformer_2=_seeded(seed + 1, _wan_transformer) if two_experts else None,
+            transformer=_seeded(seed, wan_transformer),
+            transformer_2=_seeded(seed + 1, wan_transformer) if two_experts else None,
             vae=_seeded(seed, _wan_vae),
             scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
             boundary_ratio=0.9 if two_experts else None,
@@ -425,7 +429,7 @@ def build_wan_i2v(seed: int = 0):
             image_encoder=image_encoder,
             # added_kv_proj_dim gives attn2 the image-context projections, as in the real I2V models
             transformer=_seeded(
-                seed, lambda: _wan_transformer(in_channels=36, image_dim=4, added_kv_proj_dim=24)
+                seed, lambda: wan_transformer(in_channels=36, image_dim=4, added_kv_proj_dim=24)
             ),
         )
     )
@@ -484,33 +488,32 @@ def build_cogvideox(seed: int = 0):
     )
 
 
-def build_hunyuanvideo(seed: int = 0):
-    from diffusers import (
-        AutoencoderKLHunyuanVideo,
-        FlowMatchEulerDiscreteScheduler,
-        HunyuanVideoPipeline,
-        HunyuanVideoTransformer3DModel,
+def hunyuanvideo_transformer():
+    """The tiny HunyuanVideo denoiser: one double- and one single-stream block, 2 heads of 10."""
+    from diffusers import HunyuanVideoTransformer3DModel
+
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
     )
+
+
+def build_hunyuanvideo(seed: int = 0):
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
     from transformers import LlamaConfig, LlamaModel
 
-    transformer = _seeded(
-        seed,
-        lambda: HunyuanVideoTransformer3DModel(
-            in_channels=4,
-            out_channels=4,
-            num_attention_heads=2,
-            attention_head_dim=10,
-            num_layers=1,
-            num_single_layers=1,
-            num_refiner_layers=1,
-            patch_size=1,
-            patch_size_t=1,
-            guidance_embeds=True,
-            text_embed_dim=16,
-            pooled_projection_dim=8,
-            rope_axes_dim=(2, 4, 4),
-        ),
-    )
+    transformer = _seeded(seed, hunyuanvideo_transformer)
     vae = _seeded(
         seed,
         lambda: AutoencoderKLHunyuanVideo(

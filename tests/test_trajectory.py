@@ -6,7 +6,7 @@ import torch
 from helpers import max_diff, record_calls, run_tiny, tiny_pipeline
 
 import attnpack
-from attnpack.methods import trajectory as trajectory_module
+from attnpack.methods import base as method_base
 from attnpack.methods.trajectory import (
     box_at,
     parse_trajectory,
@@ -112,7 +112,7 @@ def test_r_tokens_match_the_position_equality_definition():
 
 def test_r_token_mask_in_the_kernel(monkeypatch):
     seen = record_calls(
-        monkeypatch, trajectory_module, "block_sparse_attention", lambda q, k, v, pattern, **_: pattern
+        monkeypatch, method_base, "block_sparse_attention", lambda q, k, v, pattern, **_: pattern
     )
     pipe = tiny_pipeline("tiny-wan-t2v")
     method = attnpack.TrajectoryRoPE(trajectory=PATH)
@@ -145,7 +145,7 @@ def test_tiny_video_dits(name):
 def test_wan_foreground_and_background_text(monkeypatch):
     seen = record_calls(
         monkeypatch,
-        trajectory_module,
+        method_base,  # where the methods' one kernel call is (run_sparse)
         "block_sparse_attention",
         lambda q, k, *_, **__: (q.shape[1], k.shape[1]),
     )

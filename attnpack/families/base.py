@@ -43,6 +43,24 @@ class AttnCall:
     extra_context: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
     state: dict[str, Any] = field(default_factory=dict)  # what the adapter's finish() needs
     prepared: Any = None  # what the method's before_projection() made of the inputs (token merging, ...)
+    head_start: int = 0  # the module's index of query head 0 (Ulysses hands each rank a group of heads)
+
+
+@dataclass(frozen=True, eq=False)
+class ParallelLayout:
+    """How one call's sequence lies over the ranks of diffusers' context parallelism.
+
+    `layout` is the call's layout over the whole sequence, in the family's own token order (what one GPU
+    sees). Each rank holds 1 / N of every stream, streams in order: FLUX's queries are the streams
+    (text, image), so a rank holds [text_r, image_r]. `kv_streams` is the same for the keys, or None when
+    every rank holds all the keys (Wan's cross-attention to the text). `key_padding` (B, Sk) bool marks the
+    real keys of the whole sequence, where the family pads them (HunyuanVideo's text).
+    """
+
+    layout: TokenLayout
+    q_streams: tuple[int, ...]
+    kv_streams: tuple[int, ...] | None
+    key_padding: torch.Tensor | None = None
 
 
 class Adapter(ABC):
@@ -84,6 +102,9 @@ class Family(ABC):
     name: str = ""
     title: str = ""  # for people: "FLUX", "Stable Diffusion UNets (SD 1.5, SD 2.x, SDXL, AnimateDiff)"
     denoiser_classes: tuple[str, ...] = ()  # diffusers class names
+    # Whether attnpack runs under diffusers' context parallelism on this family, and why not where not.
+    context_parallel: bool = False
+    context_parallel_note: str = "diffusers' own processors of this family do not support context parallelism"
 
     def matches(self, model: torch.nn.Module) -> bool:
         names = {cls.__name__ for cls in type(model).__mro__}
@@ -104,6 +125,19 @@ class Family(ABC):
     @abstractmethod
     def read_inputs(self, model: torch.nn.Module, inputs: dict[str, Any], ctx: AttnContext) -> None:
         """Fill the context from one denoiser forward call's arguments."""
+
+    def parallel_layout(self, call: AttnCall) -> ParallelLayout | None:
+        """Under context parallelism: how the call's tokens lie over the ranks, read from the context (which
+        saw the inputs before diffusers split them); None for a layer that runs before the split."""
+        raise NotImplementedError(f"{type(self).__name__} does not read context-parallel layouts")
+
+    def context_parallel_plan(self, model: torch.nn.Module) -> dict | None:
+        """The `cp_plan` that splits this denoiser's inputs: diffusers' own (`_cp_plan`) where it has one."""
+        return getattr(model, "_cp_plan", None)
+
+    def check_parallel(self, model: torch.nn.Module, ctx: AttnContext) -> None:
+        """Raise where this denoiser runs under context parallelism in a way that would give a wrong result."""
+        return None  # most families: diffusers' plan and attnpack's processors are all there is
 
     def attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
         """Every module that holds an attention processor, in forward order."""

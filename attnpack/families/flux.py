@@ -7,6 +7,7 @@ sequence and return it whole, so their text length comes from the context.
 
 from __future__ import annotations
 
+import math
 import weakref
 from typing import Any
 
@@ -15,7 +16,7 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, context_grid, record_inputs, sdpa_mask
+from .base import Adapter, AttnCall, Family, ParallelLayout, context_grid, record_inputs, sdpa_mask
 
 
 class FluxAdapter(Adapter):
@@ -92,11 +93,25 @@ class FluxFamily(Family):
     name = "flux"
     title = "FLUX.1 (FluxTransformer2DModel)"
     denoiser_classes = ("FluxTransformer2DModel",)
+    context_parallel = True  # diffusers' plan splits the text and the image: a rank holds [text_r, image_r]
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is FluxAttention and ADAPTER.reproduces(processor):
             return ADAPTER, Role.JOINT
         return None
+
+    def parallel_layout(self, call: AttnCall) -> ParallelLayout:
+        if call.attn_mask is not None:
+            raise ValueError(
+                f"{call.site.name}: an attention mask on FLUX under context parallelism is not supported by "
+                "attnpack (diffusers splits the tokens, not the mask); run without one"
+            )
+        ctx = call.context
+        text, image = ctx.text_len, math.prod(ctx.grid)
+        layout = TokenLayout(
+            Role.JOINT, text + image, text + image, grid=ctx.grid, text_len=text, text_first=True
+        )
+        return ParallelLayout(layout, (text, image), (text, image))
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # packed: (B, S, C)

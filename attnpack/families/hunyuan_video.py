@@ -1,10 +1,18 @@
 """HunyuanVideo (HunyuanVideoTransformer3DModel): one joint sequence [video, text] per block through
 diffusers' `Attention` with `HunyuanVideoAttnProcessor2_0`, text last and padded text keys masked out.
 The text token refiner in front of the blocks is plain `Attention` over text tokens only.
+
+Context parallelism: diffusers gives HunyuanVideo no `cp_plan`; `CP_PLAN` here splits the patch-embedded
+video, the refined text and the rotary tables, and gathers after `proj_out`. Under it a rank holds
+[video_r, text_r]. The model builds its text mask from the *total* count of real text tokens and the
+rank's own positions, which is right on rank 0 only, so diffusers' stock processor cannot run any plan that
+splits the text (and one that does not split it would count the text once per rank): attnpack's adapter
+reads the real text tokens from the context instead, and `check_parallel` refuses stock processors there.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -17,6 +25,7 @@ from .base import (
     Adapter,
     AttnCall,
     Family,
+    ParallelLayout,
     context_grid,
     project_context_heads,
     project_heads,
@@ -94,10 +103,24 @@ def _rotate_video(x: torch.Tensor, video_len: int, rotary_emb) -> torch.Tensor:
 ADAPTER = HunyuanVideoAdapter()
 
 
+def _cp_plan() -> dict:
+    from diffusers.models._modeling_parallel import ContextParallelInput, ContextParallelOutput
+
+    tokens = ContextParallelInput(split_dim=1, expected_dims=3, split_output=True)  # (B, S, C) outputs
+    table = ContextParallelInput(split_dim=0, expected_dims=2, split_output=True)  # (S, D) rotary tables
+    return {
+        "x_embedder": {0: tokens},
+        "context_embedder": {0: tokens},  # after the refiner, which attends over the whole text
+        "rope": {0: table, 1: table},
+        "proj_out": ContextParallelOutput(gather_dim=1, expected_dims=3),
+    }
+
+
 class HunyuanVideoFamily(Family):
     name = "hunyuan_video"
     title = "HunyuanVideo (HunyuanVideoTransformer3DModel)"
     denoiser_classes = ("HunyuanVideoTransformer3DModel",)
+    context_parallel = True  # with attnpack's plan (context_parallel_plan) and attnpack's processors
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is not Attention:
@@ -115,6 +138,46 @@ class HunyuanVideoFamily(Family):
         record_inputs(
             ctx, (frames // p_t, height // p, width // p), batch, inputs.get("encoder_hidden_states")
         )
+        mask = inputs.get("encoder_attention_mask")
+        ctx.text_mask = None if mask is None else mask.bool()
+
+    def context_parallel_plan(self, model) -> dict:
+        return getattr(model, "_cp_plan", None) or _cp_plan()
+
+    def parallel_layout(self, call: AttnCall) -> ParallelLayout | None:
+        if call.layout.role is Role.TEXT:
+            return None  # the token refiner runs before the plan splits anything
+        ctx = call.context
+        video, text = math.prod(ctx.grid), ctx.text_len
+        layout = TokenLayout(
+            Role.JOINT, video + text, video + text, grid=ctx.grid, text_len=text, text_first=False
+        )
+        # The stock processor always passes a key mask; so does this, over the whole sequence.
+        batch = call.query.shape[0]
+        text_mask = ctx.text_mask
+        if text_mask is None:
+            text_mask = torch.ones(batch, text, dtype=torch.bool, device=call.query.device)
+        video_mask = torch.ones(batch, video, dtype=torch.bool, device=call.query.device)
+        key_padding = torch.cat([video_mask, text_mask.to(call.query.device)], dim=1)
+        return ParallelLayout(layout, (video, text), (video, text), key_padding=key_padding)
+
+    def check_parallel(self, model, ctx) -> None:
+        config = getattr(model, "_parallel_config", None)
+        if getattr(config, "context_parallel_config", None) is None:
+            return
+        stock = [
+            name
+            for name, module in model.named_modules()
+            if not name.startswith("context_embedder.")
+            and type(getattr(module, "processor", None)) in ADAPTER.stock_processors
+        ]
+        if stock:
+            raise RuntimeError(
+                f"HunyuanVideo under context parallelism: {len(stock)} joint attention layers ({stock[0]}, ...) "
+                "run diffusers' HunyuanVideoAttnProcessor2_0, whose text mask is wrong on every rank but the "
+                "first once the text is split; put attnpack's processors on them, e.g. "
+                "attnpack.apply(pipe, 'dense'), which reproduces the stock processor exactly"
+            )
 
 
 FAMILY = HunyuanVideoFamily()

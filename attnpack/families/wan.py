@@ -5,13 +5,23 @@ its own `add_k_proj` / `add_v_proj`; the two outputs are added.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 from diffusers.models.transformers.transformer_wan import WanAttention, WanAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, context_grid, record_inputs, sdpa_mask, unflatten_heads
+from .base import (
+    Adapter,
+    AttnCall,
+    Family,
+    ParallelLayout,
+    context_grid,
+    record_inputs,
+    sdpa_mask,
+    unflatten_heads,
+)
 
 # WanAttnProcessor's rule: the text context is the last 512 tokens, the image context what comes before.
 TEXT_CONTEXT_LEN = 512
@@ -96,11 +106,21 @@ class WanFamily(Family):
     name = "wan"
     title = "Wan 2.1 / 2.2 (WanTransformer3DModel; T2V and I2V)"
     denoiser_classes = ("WanTransformer3DModel",)
+    context_parallel = True  # diffusers' plan splits the video tokens; cross-attention keeps the whole text
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is WanAttention and ADAPTER.reproduces(processor):
             return ADAPTER, Role.CROSS if module.is_cross_attention else Role.SELF
         return None
+
+    def parallel_layout(self, call: AttnCall) -> ParallelLayout:
+        grid = call.context.grid
+        video = math.prod(grid)
+        if call.layout.role is Role.CROSS:  # diffusers runs it per rank: the rank's video rows, all the text
+            return ParallelLayout(
+                TokenLayout(Role.CROSS, video, call.key.shape[1], grid=grid), (video,), None
+            )
+        return ParallelLayout(TokenLayout(Role.SELF, video, video, grid=grid), (video,), (video,))
 
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         hidden_states = inputs.get("hidden_states")  # (B, C, F, H, W)

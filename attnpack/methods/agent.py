@@ -200,6 +200,10 @@ class AgentAttention(AttentionMethod):
     roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF})
     needs_context: ClassVar[bool] = True
 
+    context_parallel_note: ClassVar[str] = (
+        "AgentSD runs on UNets, whose diffusers processors do not support context parallelism"
+    )
+
     def __post_init__(self):
         owner = "AgentAttention"
         for name in ("ratio", "late_ratio", "agent_ratio", "late_agent_ratio"):
@@ -306,6 +310,11 @@ class PooledAgentAttention(AttentionMethod):
     families: ClassVar[tuple[str, ...]] = ("flux", "wan")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF, Role.JOINT})
     needs_context: ClassVar[bool] = True
+
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses"})
+    context_parallel_note: ClassVar[str] = (
+        "Agent attention is two softmaxes (agents over keys, queries over agents), which ring attention cannot merge from key chunks: use ContextParallelConfig(ulysses_degree=...)"
+    )
 
     def __post_init__(self):
         owner = "PooledAgentAttention"

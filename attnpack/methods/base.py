@@ -4,17 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from .. import parallel
 from ..context import SITE_ATTR
 from ..families import ADAPTERS_BY_MODULE
 from ..families.base import AttnCall
-from ..kernels import dense_attention
+from ..kernels import block_sparse_attention, dense_attention
 from ..layout import Role
+from ..patterns.block_sparse import BlockSparsePattern
 
 ATTACH_HINT = "call attnpack.attach(pipe) before pipe.transformer / pipe.unet .set_attn_processor(...)"
+
+
+@dataclass(frozen=True, eq=False)
+class SparseAttention:
+    """A call's attention as one masked softmax: `pattern` over the call's queries and keys (None: every
+    pair), the scale, and a (B, Sk) key-padding mask. What ring attention needs to split it into key chunks."""
+
+    pattern: BlockSparsePattern | None = None
+    scale: float | None = None
+    key_padding: torch.Tensor | None = None
 
 
 class AttentionMethod:
@@ -31,6 +44,11 @@ class AttentionMethod:
     roles: ClassVar[frozenset[Role]] = frozenset()  # layer roles it acts on
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {}  # where a family's roles differ from `roles`
     needs_context: ClassVar[bool] = False  # needs attnpack.attach (grids, steps, text spans)
+    # Under diffusers' context parallelism: "ulysses" (heads split, every token per rank) and / or "ring"
+    # (sequence split; needs `sparse_attention`), and for what is missing, why.
+    context_parallel: ClassVar[frozenset[str]] = frozenset()
+    context_parallel_note: ClassVar[str] = ""
+    _parallel_config = None  # diffusers' enable_parallelism sets it on processors that declare it
 
     # The union of the families' processor signatures. diffusers' `Attention` forwards only keyword
     # arguments this signature names, so every one a family passes is spelled out. FLUX and Wan pass the
@@ -61,6 +79,14 @@ class AttentionMethod:
             raise RuntimeError(
                 f"{type(self).__name__} needs the denoising context (grids, steps): {ATTACH_HINT}"
             )
+        config = parallel.context_parallel_config(site.denoiser_model if site is not None else None, self)
+        if config is not None and site is None:
+            raise RuntimeError(
+                f"{type(self).__name__} runs under {parallel.describe(config)}, which needs the token layout "
+                f"before diffusers splits it: {ATTACH_HINT}"
+            )
+        if config is not None:
+            parallel.check_supported(self, site.family, site.role, config)
         rotary = image_rotary_emb if image_rotary_emb is not None else rotary_emb
         prepared = None
         if site is not None and self.acts_on(site.family.name, site.role):
@@ -70,7 +96,10 @@ class AttentionMethod:
         call = adapter.project(attn, site, hidden_states, encoder_hidden_states, attention_mask, rotary, temb)
         call.prepared = prepared
         family = site.family.name if site is not None else adapter.name
-        out = self.attend(call) if self.acts_on(family, call.layout.role) else dense(call)
+        if config is not None:
+            out = parallel.attend(self, call, config)
+        else:
+            out = self.attend(call) if self.acts_on(family, call.layout.role) else dense(call)
         extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
         result = adapter.finish(call, out, extra_out)
         return result if prepared is None else self.after_output(prepared, result)
@@ -78,6 +107,18 @@ class AttentionMethod:
     def attend(self, call: AttnCall) -> torch.Tensor:
         """Attention for one call: (B, Sq, H, D) from `call.query`, `call.key`, `call.value`."""
         raise NotImplementedError(f"{type(self).__name__} must implement attend()")
+
+    def sparse_attention(self, call: AttnCall) -> SparseAttention | None:
+        """The call's attention as one masked softmax, or None where the method's attention is something
+        else (a blend, two softmaxes): such methods run on one GPU or under Ulysses, not on sequence shards.
+        Reads only the call's layout, shapes, device and context, never the values."""
+        return None
+
+    def extra_keys(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values the method adds after the call's own (CLEAR's pooled tokens), or None. Under
+        ring attention it runs on what one rank holds (`call.layout` is the rank's shard), and the extra
+        keys of all ranks, in rank order, must be the extra keys of the whole sequence."""
+        return None
 
     @classmethod
     def acts_on(cls, family: str, role: Role) -> bool:
@@ -127,6 +168,36 @@ class AttentionMethod:
 
 def dense(call: AttnCall) -> torch.Tensor:
     return dense_attention(call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale)
+
+
+def run_sparse(call: AttnCall, spec: SparseAttention, extra: tuple | None = None) -> torch.Tensor:
+    """Run a `SparseAttention` on one GPU: the block-sparse kernel, or dense attention without a pattern.
+    `extra` are keys and values that follow the call's own (`extra_keys`)."""
+    if spec.pattern is None:
+        return dense(call)
+    key, value = call.key, call.value
+    if extra is not None:
+        key, value = torch.cat([key, extra[0]], dim=1), torch.cat([value, extra[1]], dim=1)
+    return block_sparse_attention(
+        call.query, key, value, spec.pattern, scale=spec.scale, key_padding=spec.key_padding
+    )
+
+
+def dense_attention_of(call: AttnCall) -> SparseAttention:
+    """Dense attention as a `SparseAttention` (on one GPU `run_sparse` runs the call's own mask)."""
+    padding = key_padding(call)
+    return SparseAttention(None, call.scale, None if padding is False else padding)
+
+
+def key_padding(call: AttnCall) -> torch.Tensor | bool | None:
+    """The call's mask as a (B, Sk) key-padding mask: None without a mask, False when it is something else."""
+    mask = call.attn_mask
+    if mask is None:
+        return None
+    batch, key_len = call.key.shape[0], call.key.shape[1]
+    if mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
+        return mask[:, 0, 0, :].expand(batch, key_len)
+    return False
 
 
 # Validation helpers: a bad value raises ValueError naming the parameter, the value and what is accepted.

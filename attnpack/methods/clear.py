@@ -27,10 +27,9 @@ from typing import Any, ClassVar
 import torch
 
 from ..families.base import AttnCall
-from ..kernels import block_sparse_attention
 from ..layout import Role
 from ..patterns.clear import clear_window
-from .base import AttentionMethod, check_number, dense
+from .base import AttentionMethod, SparseAttention, check_number, dense_attention_of, run_sparse
 
 logger = logging.getLogger("attnpack")
 
@@ -54,6 +53,7 @@ class ClearAttention(AttentionMethod):
     families: ClassVar[tuple[str, ...]] = ("flux", "sd3")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.JOINT, Role.SELF})  # SELF: SD 3.5's image-only attn2
     needs_context: ClassVar[bool] = True
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses", "ring"})
 
     def __post_init__(self):
         check_number("ClearAttention", "radius", self.radius, low=0, low_inclusive=False)
@@ -94,14 +94,19 @@ class ClearAttention(AttentionMethod):
     # ---- attention
 
     def attend(self, call: AttnCall) -> torch.Tensor:
+        return run_sparse(call, self.sparse_attention(call), self.extra_keys(call))
+
+    def extra_keys(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The pooled tokens: keys and values averaged over f x f windows of the image."""
+        if not self.down_factor or call.layout.grid is None:
+            return None
+        return self._pool(call)
+
+    def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None:
             logger.info("ClearAttention: no image grid for %s, running it dense", call.site.name)
-            return dense(call)
-        key, value = call.key, call.value
-        if self.down_factor:
-            pooled_key, pooled_value = self._pool(call)
-            key, value = torch.cat([key, pooled_key], dim=1), torch.cat([value, pooled_value], dim=1)
+            return dense_attention_of(call)
         pattern = clear_window(
             layout.grid,
             self.radius,
@@ -112,11 +117,11 @@ class ClearAttention(AttentionMethod):
         )
         scale = call.scale
         if self.proportional_attention:
-            keys = key.shape[1] * (
+            keys = pattern.kv_len * (
                 10 if self.down_factor else 1
             )  # the public code's factor with pooled tokens
             scale = math.sqrt(math.log(keys, TRAIN_TOKENS) / call.query.shape[-1])
-        return block_sparse_attention(call.query, key, value, pattern, scale=scale)
+        return SparseAttention(pattern, scale, None)
 
     def _pool(self, call: AttnCall) -> tuple[torch.Tensor, torch.Tensor]:
         """The image keys and values averaged over f x f windows with the layer's spatial weights."""
@@ -124,8 +129,9 @@ class ClearAttention(AttentionMethod):
         f = self.down_factor
         if height % f or width % f:
             raise ValueError(
-                f"ClearAttention: down_factor={f} must divide the image's token grid {height} x {width}; "
-                f"use an image size whose height and width / 16 are multiples of {f}"
+                f"ClearAttention: down_factor={f} must divide the token grid {height} x {width} it pools (under "
+                f"ring attention: one rank's rows); use an image size whose height and width / 16 are "
+                f"multiples of {f}, times the ranks for the height"
             )
         image = call.layout.visual_slice
         weight = self.pooling_weights(call)[None, None, :, None, :, None, None]

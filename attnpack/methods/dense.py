@@ -16,7 +16,7 @@ from ..families.base import AttnCall
 from ..kernels import dense_attention
 from ..kernels.dense import BACKENDS
 from ..layout import Role
-from .base import AttentionMethod, check_choice
+from .base import AttentionMethod, SparseAttention, check_choice, dense_attention_of
 
 
 @dataclass(eq=False, repr=False)
@@ -28,6 +28,7 @@ class DenseAttention(AttentionMethod):
     name: ClassVar[str] = "dense"
     families: ClassVar[tuple[str, ...]] = tuple(FAMILIES)
     roles: ClassVar[frozenset[Role]] = frozenset(Role)
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses", "ring"})
 
     def __post_init__(self):
         check_choice("DenseAttention", "backend", self.backend, BACKENDS)
@@ -36,6 +37,9 @@ class DenseAttention(AttentionMethod):
         return dense_attention(
             call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, backend=self.backend
         )
+
+    def sparse_attention(self, call: AttnCall) -> SparseAttention:
+        return dense_attention_of(call)
 
     def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         return dense_attention(call.query, key, value, scale=call.scale, backend=self.backend)

@@ -97,6 +97,12 @@ class FreeLongAttention(AttentionMethod):
     }
     needs_context: ClassVar[bool] = True
 
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses"})
+    context_parallel_note: ClassVar[str] = (
+        "Its output blends global and local attentions in frequency over the whole video,"
+        " which ring attention cannot merge from key chunks: use ContextParallelConfig(ulysses_degree=...)"
+    )
+
     def __post_init__(self):
         owner = "FreeLongAttention"
         check_number(owner, "local_window", self.local_window, low=1, integer=True)

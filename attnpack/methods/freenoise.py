@@ -122,6 +122,12 @@ class FreeNoiseAttention(AttentionMethod):
         "wan": frozenset({Role.SELF}),
     }
 
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses"})
+    context_parallel_note: ClassVar[str] = (
+        "Its output is a weighted blend of window attentions over whole frames,"
+        " which ring attention cannot merge from key chunks: use ContextParallelConfig(ulysses_degree=...)"
+    )
+
     def __post_init__(self):
         owner = "FreeNoiseAttention"
         if self.context_length is not None:

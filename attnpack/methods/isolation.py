@@ -148,6 +148,11 @@ class IsolationAttention(AttentionMethod):
     }
     needs_context: ClassVar[bool] = True
 
+    context_parallel_note: ClassVar[str] = (
+        "It repositions reference features across the whole image before the projections, and diffusers' "
+        "context parallelism has split the image by then"
+    )
+
     def __post_init__(self):
         owner = "IsolationAttention"
         if not isinstance(self.subjects, list | tuple) or not self.subjects:

@@ -15,10 +15,17 @@ from typing import ClassVar
 import torch
 
 from ..families.base import AttnCall
-from ..kernels import block_sparse_attention
 from ..layout import Role
 from ..patterns.radial import VARIANTS, radial
-from .base import AttentionMethod, check_choice, check_number, dense
+from .base import (
+    AttentionMethod,
+    SparseAttention,
+    check_choice,
+    check_number,
+    dense_attention_of,
+    key_padding,
+    run_sparse,
+)
 
 logger = logging.getLogger("attnpack")
 
@@ -48,6 +55,7 @@ class RadialAttention(AttentionMethod):
     families: ClassVar[tuple[str, ...]] = ("wan", "hunyuan_video", "cogvideox")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF, Role.JOINT})
     needs_context: ClassVar[bool] = True
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses", "ring"})
 
     def __post_init__(self):
         owner = "RadialAttention"
@@ -80,19 +88,22 @@ class RadialAttention(AttentionMethod):
         return ctx.step_index < self.dense_steps or ctx.step_index >= ctx.num_steps - self.dense_last_steps
 
     def attend(self, call: AttnCall) -> torch.Tensor:
+        return run_sparse(call, self.sparse_attention(call))
+
+    def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None or len(layout.grid) != 3:
             logger.info("RadialAttention: no video grid for %s, running it dense", call.site.name)
-            return dense(call)
+            return dense_attention_of(call)
         if self.dense_now(call):
-            return dense(call)
-        key_padding = _key_padding(call)
-        if key_padding is False:
+            return dense_attention_of(call)
+        padding = key_padding(call)
+        if padding is False:
             logger.info(
                 "RadialAttention: %s has an attention mask that is not key padding, running it dense",
                 call.site.name,
             )
-            return dense(call)
+            return dense_attention_of(call)
         num_frames, height, width = layout.grid
         pattern = radial(
             num_frames,
@@ -105,17 +116,4 @@ class RadialAttention(AttentionMethod):
             block_size=self.block_size,
             device=call.query.device,
         )
-        return block_sparse_attention(
-            call.query, call.key, call.value, pattern, scale=call.scale, key_padding=key_padding
-        )
-
-
-def _key_padding(call: AttnCall) -> torch.Tensor | bool | None:
-    """The call's mask as a (B, Sk) key-padding mask, None without a mask, False when it is something else."""
-    mask = call.attn_mask
-    if mask is None:
-        return None
-    batch, key_len = call.key.shape[0], call.key.shape[1]
-    if mask.dtype == torch.bool and mask.ndim == 4 and mask.shape[1] == 1 and mask.shape[2] == 1:
-        return mask[:, 0, 0, :].expand(batch, key_len)
-    return False
+        return SparseAttention(pattern, call.scale, padding)

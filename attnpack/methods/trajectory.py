@@ -27,13 +27,13 @@ from typing import Any, ClassVar
 
 import torch
 
+from .. import parallel
 from ..context import SITE_ATTR
 from ..families.base import AttnCall
-from ..kernels import block_sparse_attention
 from ..layout import Role
 from ..patterns.block_sparse import ElementRule
 from ..patterns.subjects import segment_pattern
-from .base import AttentionMethod, check_number, dense
+from .base import AttentionMethod, SparseAttention, check_number, dense_attention_of, run_sparse
 
 BACKGROUND, FOREGROUND, R_TOKEN, TEXT, FOREGROUND_TEXT = 0, 1, 2, 3, 4
 
@@ -163,6 +163,7 @@ class TrajectoryRoPE(AttentionMethod):
         "hunyuan_video": frozenset({Role.JOINT}),
     }
     needs_context: ClassVar[bool] = True
+    context_parallel: ClassVar[frozenset[str]] = frozenset({"ulysses", "ring"})
 
     def __post_init__(self):
         owner = "TrajectoryRoPE"
@@ -206,25 +207,37 @@ class TrajectoryRoPE(AttentionMethod):
             if site.family.name == "cogvideox":
                 hooks.append(model.register_forward_pre_hook(self._cogvideox_hook(ctx), with_kwargs=True))
             else:
-                hooks.append(model.rope.register_forward_hook(self._rope_hook(ctx)))
+                hooks.append(model.rope.register_forward_hook(self._rope_hook(ctx, model)))
         return lambda: [hook.remove() for hook in hooks]
 
-    def remap(self, rotary, grid) -> Any:
-        """(cos, sin) tables with one row per video token, rows re-indexed by STD-RoPE."""
+    def remap(self, rotary, grid, config=None) -> Any:
+        """(cos, sin) tables with one row per video token, rows re-indexed by STD-RoPE; under context
+        parallelism (`config`) this rank's rows of the re-indexed tables."""
         source, _ = self.layout(grid)
         tokens = math.prod(grid)
 
         def gather(table: torch.Tensor) -> torch.Tensor:
-            axis = next(d for d, n in enumerate(table.shape) if n == tokens)
-            return table.index_select(axis, source.to(table.device))
+            axis = next((d for d, n in enumerate(table.shape) if n == tokens), None)
+            if axis is None:
+                raise ValueError(
+                    f"TrajectoryRoPE: a rotary table of shape {tuple(table.shape)} has no axis of the "
+                    f"{tokens} video tokens of the grid {tuple(grid)}"
+                )
+            table = table.index_select(axis, source.to(table.device))
+            return table if config is None else parallel.local_shard(table, axis, config)
 
         return tuple(gather(t) for t in rotary) if isinstance(rotary, tuple | list) else gather(rotary)
 
-    def _rope_hook(self, ctx):
+    def _rope_hook(self, ctx, model):
         def hook(module, args, output):
             if not self.rope_now(ctx):
                 return None
-            return self.remap(output, ctx.grid)
+            config = parallel.context_parallel_config(model)
+            if getattr(config, "context_parallel_config", None) is None:
+                return self.remap(output, ctx.grid)
+            # diffusers' plan has cut the tables to this rank's rows; re-indexing reads any row, so
+            # compute the whole tables again (the class's forward, outside the plan's hooks).
+            return self.remap(type(module).forward(module, *args), ctx.grid, config)
 
         return hook
 
@@ -240,22 +253,26 @@ class TrajectoryRoPE(AttentionMethod):
     # ---- masks
 
     def attend(self, call: AttnCall) -> torch.Tensor:
+        return run_sparse(call, self.sparse_attention(call))
+
+    def sparse_attention(self, call: AttnCall) -> SparseAttention:
         ctx, layout = call.context, call.layout
         if not self.keyframes or ctx.grid is None or call.attn_mask is not None:
-            return dense(call)
+            return dense_attention_of(call)
         step = ctx.step_index or 0
         if layout.role is Role.CROSS:
             text = self.background_text_len
             if text is None or step >= self.mask_steps or call.key.shape[1] != 2 * text:
-                return dense(call)  # plain text (the unconditional pass, or later steps)
+                return dense_attention_of(call)  # plain text (the unconditional pass, or later steps)
             _, foreground = self.layout(ctx.grid)
             q = foreground.to(torch.int32)  # BACKGROUND 0 / FOREGROUND 1
             k = torch.cat([torch.full((text,), TEXT), torch.full((text,), FOREGROUND_TEXT)]).to(torch.int32)
             allow = torch.zeros(5, 5, dtype=torch.bool)
             allow[BACKGROUND, TEXT] = allow[FOREGROUND, FOREGROUND_TEXT] = True
-            return self._segmented(call, ("cross", tuple(ctx.grid), text), q, k, allow)
+            pattern = self._segmented(call, ("cross", tuple(ctx.grid), text), q, k, allow)
+            return SparseAttention(pattern, call.scale)
         if step >= self.rope_steps:
-            return dense(call)
+            return dense_attention_of(call)
         source, foreground = self.layout(ctx.grid)
         video = foreground.to(torch.int32)
         video[r_tokens(source, foreground)] = R_TOKEN
@@ -265,25 +282,16 @@ class TrajectoryRoPE(AttentionMethod):
         allow = torch.ones(5, 5, dtype=torch.bool)
         allow[FOREGROUND, R_TOKEN] = allow[R_TOKEN, FOREGROUND] = False
         key = ("self", tuple(ctx.grid), text_len, layout.text_first)
-        return self._segmented(call, key, segments, segments, allow, key_padding=_key_padding(call))
+        return SparseAttention(self._segmented(call, key, segments, segments, allow), call.scale)
 
-    def _segmented(self, call, key, q_segments, k_segments, allow, key_padding=None) -> torch.Tensor:
+    def _segmented(self, call, key, q_segments, k_segments, allow):
+        """The segment pattern, built once per layout and device."""
         device = call.query.device
         key = (*key, str(device))
         if key not in self._patterns:
             rule = ElementRule(allow, torch.zeros_like(allow))
             self._patterns[key] = segment_pattern(rule, q_segments.to(device), k_segments.to(device))
-        pattern = self._patterns[key]
-        return block_sparse_attention(
-            call.query, call.key, call.value, pattern, scale=call.scale, key_padding=key_padding
-        )
-
-
-def _key_padding(call: AttnCall):
-    mask = call.attn_mask
-    if mask is None:
-        return None
-    return mask[:, 0, 0, :].expand(call.key.shape[0], call.key.shape[1])
+        return self._patterns[key]
 
 
 def trajectory_picture(
