@@ -115,6 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     radial_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
     radial_bench.add_argument("--repeats", type=int, default=3, help="timed forwards per setting (median)")
+    radial_bench.add_argument(
+        "--parallel",
+        choices=("ulysses", "ring"),
+        help="under torchrun: every rank runs the model under diffusers' context parallelism",
+    )
     clear_bench = bench_commands.add_parser(
         "clear", help="CLEAR: the attention op and a FLUX step, dense and local"
     )
@@ -545,6 +550,10 @@ def _bench(args) -> int:
     except (ValueError, FileExistsError) as error:
         sys.stderr.write(f"attnpack bench {args.suite}: {error}\n")
         return 2
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return 0  # rank 0 wrote the result and reports it
     lines = suite.table(json.loads(path.read_text()))
     lines.append(f"wrote {path} and {path.with_suffix('.png')}")
     sys.stdout.write("\n".join(lines) + "\n")

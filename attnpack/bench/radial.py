@@ -4,6 +4,10 @@ Speed does not depend on weights, so the transformers are built from their publi
 weights, directly in bf16 on the device. For each model: stock dense attention, radial with every layer
 sparse, and radial with the paper's dense layers (what its sparse steps cost); the 50-step estimate spends
 the paper's dense warm-up steps dense and the rest at the sparse-step cost.
+
+Under torchrun with `--parallel ulysses|ring` every rank runs the model under diffusers' context
+parallelism (`ranks.py`); the baseline is then attnpack's dense processor (diffusers' stock one has no ring
+attention without an LSE-returning backend, and none on HunyuanVideo), and times are the slowest rank's.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import torch
 
 from ..api import apply
 from ..methods.radial import PRESETS
+from ..parallel import context_parallel_plan
+from .ranks import Ranks, start
 from .report import plot_speedups, prepare_run, random_model, result_header, time_forward, write_json
 
 logger = logging.getLogger("attnpack")
@@ -131,7 +137,7 @@ MODELS = {
 }
 SMOKE_MODELS = ("tiny", "tiny-hunyuan")
 DEFAULT = [name for name in MODELS if name not in SMOKE_MODELS]
-OPTIONS = ("repeats",)  # what the command line passes to run() besides the common ones
+OPTIONS = ("repeats", "parallel")  # what the command line passes to run() besides the common ones
 STEPS = 50
 
 
@@ -160,20 +166,32 @@ def build(model: Model, device: torch.device, dtype: torch.dtype):
     return transformer, inputs
 
 
-def run_model(model: Model, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, Any]:
+def run_model(
+    model: Model, device: torch.device, dtype: torch.dtype, repeats: int, ranks: Ranks | None = None
+) -> dict[str, Any]:
     transformer, inputs = build(model, device, dtype)
     preset = PRESETS[model.preset]
     settings = dict(decay_factor=preset["decay_factor"], sink=preset["sink"])
     if model.name in SMOKE_MODELS:
         settings["block_size"] = 16
-    dense = time_forward(transformer, inputs, device, repeats)
+
+    def timed() -> float:
+        seconds = time_forward(transformer, inputs, device, repeats)
+        return seconds if ranks is None else ranks.slowest(seconds)
+
+    if ranks is None:
+        dense = timed()
+    else:
+        transformer.enable_parallelism(config=ranks.config(), cp_plan=context_parallel_plan(transformer))
+        with apply(transformer, "dense"):
+            dense = timed()
     with apply(transformer, "radial", dense_layers=0, **settings):
-        sparse = time_forward(transformer, inputs, device, repeats)
+        sparse = timed()
     with apply(transformer, "radial", dense_layers=preset["dense_layers"], **settings):
-        sparse_steps = time_forward(transformer, inputs, device, repeats)
+        sparse_steps = timed()
     dense_steps = preset["dense_steps"]
     estimate = STEPS * dense / (dense_steps * dense + (STEPS - dense_steps) * sparse_steps)
-    del transformer, inputs
+    transformer = inputs = None  # `timed` holds them; free the weights before the next model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -201,32 +219,38 @@ def run(
     out: Path | None = None,
     overwrite: bool = False,
     repeats: int = 3,
+    parallel: str | None = None,
 ) -> Path:
-    """Run the radial benchmark and write JSON + PNG; returns the JSON's path."""
-    device, info, out = prepare_run("radial", models, MODELS, SMOKE_MODELS, "model", device, out, overwrite)
+    """Run the radial benchmark and write JSON + PNG; returns the JSON's path. `parallel`: "ulysses" or
+    "ring" over the ranks of a torchrun (rank 0 writes)."""
+    ranks = start(parallel, device)
+    suite = "radial" if ranks is None else f"radial-{ranks.label}"
+    device = device if ranks is None else str(ranks.device)
+    device, info, out = prepare_run(suite, models, MODELS, SMOKE_MODELS, "model", device, out, overwrite)
 
     from tqdm.auto import tqdm
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     records = []
-    for name in tqdm(models, desc="bench radial", unit="model"):
-        records.append(run_model(MODELS[name], device, dtype, repeats))
-    result = result_header(
-        "radial",
-        info,
-        dtype,
-        {"method": "median of one transformer forward (CUDA events)", "repeats": repeats},
-        [
-            "random weights: speed does not depend on them",
-            f"speedup_{STEPS}_steps: the paper's dense steps at the dense cost, the rest at radial_sparse_step",
-        ],
-    ) | {
-        "models": records,
-    }
+    for name in tqdm(models, desc="bench radial", unit="model", disable=ranks is not None and not ranks.main):
+        records.append(run_model(MODELS[name], device, dtype, repeats, ranks))
+    timing = {"method": "median of one transformer forward (CUDA events)", "repeats": repeats}
+    notes = [
+        "random weights: speed does not depend on them",
+        f"speedup_{STEPS}_steps: the paper's dense steps at the dense cost, the rest at radial_sparse_step",
+    ]
+    if ranks is not None:
+        timing |= {"parallel": ranks.mode, "ranks": ranks.world, "per_rank": "the slowest rank's time"}
+        notes.append(f"dense: attnpack's dense processor under {ranks.mode} over {ranks.world} ranks")
+    result = result_header(suite, info, dtype, timing, notes) | {"models": records}
+    if ranks is not None and not ranks.main:
+        ranks.barrier()
+        return out
     write_json(out, result, overwrite)
+    title = "" if ranks is None else f", {ranks.mode} x {ranks.world}"
     plot_speedups(
         out.with_suffix(".png"),
-        f"radial attention, one transformer forward, {info['name']}",
+        f"radial attention, one transformer forward{title}, {info['name']}",
         [r["model"] for r in records],
         {
             "all layers sparse": [r["speedup_all_sparse"] for r in records],
@@ -236,6 +260,8 @@ def run(
         overwrite,
         xlabel="speedup over dense attention (higher is better)",
     )
+    if ranks is not None:
+        ranks.barrier()
     return out
 
 
