@@ -146,6 +146,37 @@ def test_from_rule_classifies_blocks_exactly(block_q, block_kv):
     assert pattern.block_density >= pattern.element_density
 
 
+@pytest.mark.parametrize("metric", [Metric.NONE, Metric.BAND, Metric.BOX, Metric.EUCLIDEAN])
+@pytest.mark.parametrize("table", ["random", "video"])
+def test_from_rule_full_and_partial_are_exact(metric, table):
+    """Full means every element allowed and partial some, whatever the tokens: random tables (repeated
+    coordinates, segments mixed in every block) and a tiled video whose tiles and frames straddle blocks."""
+    g = torch.Generator().manual_seed(int(metric) + 10 * (table == "video"))
+    if table == "random":
+        coords = torch.randint(0, 5, (150, 3), generator=g)
+        segments = torch.randint(0, 3, (150,), generator=g)
+    else:
+        order = tile_order((4, 6, 10), (1, 4, 4))
+        coords = grid_coordinates((4, 6, 10), order)
+        segments = (coords[:, 0] > 0).to(torch.int32) + 1  # 1: the first frame, 2: the others
+        coords, segments = (
+            torch.cat([torch.zeros(9, 3, dtype=torch.int32), coords]),
+            torch.cat([torch.zeros(9, dtype=torch.int32), segments]),
+        )
+    tokens = TokenTable(coords, segments)
+    allow = torch.rand(3, 3, generator=g) > 0.6
+    spatial = torch.rand(3, 3, generator=g) > 0.3
+    limits = None if metric is Metric.NONE else torch.tensor([9.5, 4.0, 2.0, -1.0])
+    rule = ElementRule(allow, spatial, metric, limits)
+    for block_q, block_kv in [(16, 16), (32, 16), (16, 64)]:
+        pattern = BlockSparsePattern.from_rule(rule, tokens, tokens, block_q=block_q, block_kv=block_kv)
+        counts = block_counts(rule.evaluate(tokens, tokens)[None], block_q, block_kv)[0]
+        area = pattern._block_area()
+        assert torch.equal(pattern.full[0], counts == area)
+        assert torch.equal(pattern.partial[0], (counts > 0) & (counts < area))
+        assert pattern.allowed_elements == int(counts.sum())
+
+
 def test_to_dense_answers_in_token_order():
     tokens, order = text_and_image(5, (6, 9), (3, 3))
     rule = disc_rule(2.5)

@@ -143,7 +143,15 @@ class ElementRule:
         return allowed | (self.spatial[sq, sk] & near)
 
     def segment_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """allow and spatial as one int32 bitmask per query segment (bit j: key segment j)."""
+        """allow and spatial as one int32 bitmask per query segment (bit j: key segment j), made once on the
+        rule's device (the kernels read them at every launch)."""
+        cached = self.__dict__.get("_segment_bits")
+        if cached is None:
+            cached = self._make_segment_bits()
+            object.__setattr__(self, "_segment_bits", cached)
+        return cached
+
+    def _make_segment_bits(self) -> tuple[torch.Tensor, torch.Tensor]:
         weights = torch.tensor(
             [1 << j for j in range(self.num_segments)], dtype=torch.int64, device=self.allow.device
         )
@@ -193,38 +201,181 @@ def _block_positions(blocks: torch.Tensor, block: int, length: int) -> tuple[tor
     return positions.clamp(max=length - 1), positions < length
 
 
+def _range_table(limits: torch.Tensor, reduce) -> torch.Tensor:
+    """(L, L): table[a, b] = reduce(limits[a..b]) for a <= b, the limit over a span of frame distances."""
+    length = len(limits)
+    table = limits.new_zeros(length, length)
+    for a in range(length):
+        table[a, a:] = reduce(limits[a:], 0).values
+    return table
+
+
+class _Boxes:
+    """A token table cut into boxes, block by block: a box is a run of consecutive positions of one block, one
+    segment and one frame whose tokens fill the box [low, high] of (t, y, x) (rows of a tile, each a run of
+    x stepping by 0 or 1). Any coordinate difference two boxes allow is one some token pair has, so
+    classifying box pairs from their bounds is exact. A block of a tile is one box; one that straddles
+    tiles, frames or segments is a few."""
+
+    def __init__(self, tokens: TokenTable, block: int):
+        coords, segments = tokens.coords, tokens.segments
+        length = len(tokens)
+        position = torch.arange(length, device=coords.device)
+        blocks = position // block
+        step = coords[1:] - coords[:-1]
+        new_run = torch.ones(length, dtype=torch.bool, device=coords.device)
+        new_run[1:] = (
+            (blocks[1:] != blocks[:-1])
+            | (segments[1:] != segments[:-1])
+            | (step[:, 0] != 0)
+            | (step[:, 1] != 0)
+            | ((step[:, 2] != 0) & (step[:, 2] != 1))
+        )
+        first = new_run.nonzero().flatten()
+        last = torch.cat([first[1:], first.new_tensor([length])]) - 1
+        run_low, run_high = coords[first], coords[last]
+        run_block, run_segment = blocks[first], segments[first]
+        new_box = torch.ones(len(first), dtype=torch.bool, device=coords.device)
+        new_box[1:] = (
+            (run_block[1:] != run_block[:-1])
+            | (run_segment[1:] != run_segment[:-1])
+            | (run_low[1:, 0] != run_low[:-1, 0])
+            | (run_low[1:, 2] != run_low[:-1, 2])
+            | (run_high[1:, 2] != run_high[:-1, 2])
+            | (run_low[1:, 1] != run_low[:-1, 1] + 1)
+        )
+        box_first = new_box.nonzero().flatten()
+        box_last = torch.cat([box_first[1:], box_first.new_tensor([len(first)])]) - 1
+        self.low, self.high = run_low[box_first], run_high[box_last]  # (boxes, 3)
+        self.segment, self.block = run_segment[box_first].long(), run_block[box_first]
+        self.num_blocks = -(-length // block)
+        self.count = torch.bincount(self.block, minlength=self.num_blocks)  # boxes per block
+        self.start = self.count.cumsum(0) - self.count
+        self.tokens = torch.cat([first[1:], first.new_tensor([length])])[box_last] - first[box_first]
+
+
 class _BlockBounds:
-    """Per block of a token table: which segments occur, and the range of each coordinate."""
+    """Per block: how many tokens of each segment it holds, the range of each coordinate, and its boxes."""
 
     def __init__(self, tokens: TokenTable, block: int, num_segments: int):
-        length = len(tokens)
-        self.num_blocks = -(-length // block)
-        blocks = torch.arange(self.num_blocks, device=tokens.coords.device)
-        positions, valid = _block_positions(blocks, block, length)
-        coords = tokens.coords[positions].long()  # (NB, block, 3); padding repeats the last token
-        self.low, self.high = coords.amin(1), coords.amax(1)
-        one_hot = torch.nn.functional.one_hot(tokens.segments[positions].long(), num_segments)
-        self.segments = (one_hot.bool() & valid[..., None]).any(1).float()  # (NB, segments)
-
-    def may_attend(self, keys: _BlockBounds, rule: ElementRule) -> torch.Tensor:
-        """(NQ, NK) bool: False only where no query of one block may attend any key of the other."""
-        allowed = self.segments @ rule.allow.float() @ keys.segments.T > 0
-        if rule.metric is Metric.NONE:
-            return allowed
-        spatial = self.segments @ rule.spatial.float() @ keys.segments.T > 0
-        gap = torch.maximum(self.low[:, None] - keys.high[None], keys.low[None] - self.high[:, None]).clamp(
-            min=0
+        self.boxes = boxes = _Boxes(tokens, block)
+        self.num_blocks = boxes.num_blocks
+        index = boxes.block[:, None].expand(-1, 3)
+        self.low = boxes.low.new_zeros(self.num_blocks, 3).scatter_reduce(
+            0, index, boxes.low, "amin", include_self=False
         )
-        # the largest limit at any frame distance the two blocks can have
-        largest = rule.limits.flip(0).cummax(0).values.flip(0)
-        limit = largest[gap[..., 0].clamp(max=len(rule.limits) - 1)]
-        if rule.metric is Metric.BAND:
-            distance = gap[..., 2]
-        elif rule.metric is Metric.BOX:
-            distance = torch.maximum(gap[..., 1], gap[..., 2])
-        else:
-            distance = gap[..., 1] ** 2 + gap[..., 2] ** 2
-        return allowed | (spatial & (distance.to(torch.float32) < limit))
+        self.high = boxes.high.new_zeros(self.num_blocks, 3).scatter_reduce(
+            0, index, boxes.high, "amax", include_self=False
+        )
+        self.counts = torch.zeros(self.num_blocks * num_segments, device=tokens.coords.device)
+        self.counts.index_add_(0, boxes.block * num_segments + boxes.segment, boxes.tokens.float())
+        self.counts = self.counts.view(self.num_blocks, num_segments)  # (NB, segments)
+        self.segments = (self.counts > 0).float()
+        self.one_box = boxes.count == 1
+
+    def rows(self, index: slice) -> _BlockBounds:
+        part = object.__new__(_BlockBounds)
+        part.boxes, part.num_blocks = self.boxes, len(range(*index.indices(self.num_blocks)))
+        part.low, part.high = self.low[index], self.high[index]
+        part.counts, part.segments, part.one_box = (
+            self.counts[index],
+            self.segments[index],
+            self.one_box[index],
+        )
+        return part
+
+    def classify(self, keys: _BlockBounds, rule: ElementRule, ranges) -> tuple[torch.Tensor, ...]:
+        """(NQ, NK) bool maps full, partial and unsure, from the bounds alone: a pair is full when every
+        query may attend every key of the other block, skipped when none may, partial when some may and
+        both blocks are one box each (then the bounds are exact), unsure otherwise."""
+        if rule.metric is Metric.NONE:  # segments alone: the counts are exact
+            allowed = self.counts @ rule.allow.float() @ keys.counts.T
+            area = self.counts.sum(1)[:, None] * keys.counts.sum(1)[None]
+            full = allowed == area
+            return full, (allowed > 0) & ~full, torch.zeros_like(full)
+        pair_count = lambda table: self.segments @ table.float() @ keys.segments.T > 0  # noqa: E731
+        allow_any = pair_count(rule.allow)
+        spatial_any = pair_count(rule.spatial & ~rule.allow)
+        blocked_any = pair_count(~rule.allow & ~rule.spatial)
+        near_possible, near_all = _near(
+            self.low[:, None], self.high[:, None], keys.low[None], keys.high[None], rule, ranges
+        )
+        may = allow_any | (spatial_any & near_possible)
+        full = may & ~blocked_any & (~spatial_any | near_all)
+        exact = self.one_box[:, None] & keys.one_box[None]
+        return full, may & ~full & exact, may & ~full & ~exact
+
+
+def _near(q_low, q_high, k_low, k_high, rule: ElementRule, ranges) -> tuple[torch.Tensor, torch.Tensor]:
+    """For boxes of coordinates: whether some pair of their points is within the rule's limit, and whether
+    every pair is (the limit taken over the frame distances the boxes span)."""
+    gap = torch.maximum(q_low - k_high, k_low - q_high).clamp(min=0)
+    far = torch.maximum(q_high - k_low, k_high - q_low)
+    last = len(rule.limits) - 1
+    frames_near, frames_far = gap[..., 0].clamp(max=last).long(), far[..., 0].clamp(max=last).long()
+    largest, smallest = ranges
+    near_possible = _distance(gap, rule.metric) < largest[frames_near, frames_far]
+    return near_possible, _distance(far, rule.metric) < smallest[frames_near, frames_far]
+
+
+def _refine(q_bounds, kv_bounds, pairs, rule, ranges, max_pairs) -> tuple[torch.Tensor, torch.Tensor]:
+    """full and partial (P,) of block pairs (P, 2) by their boxes: every box of the query block against every
+    box of the key block, a batch of box pairs at a time."""
+    qb, kb = q_bounds.boxes, kv_bounds.boxes
+    any_allowed = torch.zeros(len(pairs), dtype=torch.bool, device=pairs.device)
+    all_allowed = torch.zeros_like(any_allowed)
+    box_pairs = qb.count[pairs[:, 0]] * kb.count[pairs[:, 1]]
+    bounds = box_pairs.cumsum(0)
+    begin = 0
+    while begin < len(pairs):
+        end = max(begin + 1, int(torch.searchsorted(bounds, bounds[begin] - box_pairs[begin] + max_pairs)))
+        sizes = box_pairs[begin:end]
+        owner = torch.repeat_interleave(torch.arange(end - begin, device=pairs.device), sizes)
+        offset = torch.arange(len(owner), device=pairs.device) - (sizes.cumsum(0) - sizes)[owner]
+        width = kb.count[pairs[begin:end, 1]][owner]
+        qi = qb.start[pairs[begin:end, 0]][owner] + offset // width
+        ki = kb.start[pairs[begin:end, 1]][owner] + offset % width
+        qs, ks = qb.segment[qi], kb.segment[ki]
+        near_possible, near_all = _near(qb.low[qi], qb.high[qi], kb.low[ki], kb.high[ki], rule, ranges)
+        spatial = rule.spatial[qs, ks]
+        allowed, some = rule.allow[qs, ks], spatial & near_possible
+        every = allowed | (spatial & near_all)
+        some |= allowed
+        denied = torch.zeros(end - begin, device=pairs.device).index_add_(0, owner, (~every).float())
+        granted = torch.zeros(end - begin, device=pairs.device).index_add_(0, owner, some.float())
+        any_allowed[begin:end], all_allowed[begin:end] = granted > 0, denied == 0
+        begin = end
+    return all_allowed, any_allowed & ~all_allowed
+
+
+def _distance(delta: torch.Tensor, metric: Metric) -> torch.Tensor:
+    """The rule's distance of coordinate differences (..., 3) (t, y, x), float32."""
+    if metric is Metric.BAND:
+        distance = delta[..., 2]
+    elif metric is Metric.BOX:
+        distance = torch.maximum(delta[..., 1], delta[..., 2])
+    else:
+        distance = delta[..., 1] * delta[..., 1] + delta[..., 2] * delta[..., 2]  # int32, as evaluate
+    return distance.to(torch.float32)
+
+
+def _count_pairs(rule, q_tokens, kv_tokens, pairs, block_q, block_kv, max_chunk_elements) -> torch.Tensor:
+    """Allowed elements of each block pair (P, 2) (query block, key block), evaluated a batch at a time."""
+    counts = torch.zeros(len(pairs), dtype=torch.int64, device=pairs.device)
+    per_batch = max(1, max_chunk_elements // (block_q * block_kv))
+    for start in range(0, len(pairs), per_batch):
+        batch = pairs[start : start + per_batch]
+        q_idx, q_ok = _block_positions(batch[:, 0], block_q, len(q_tokens))
+        k_idx, k_ok = _block_positions(batch[:, 1], block_kv, len(kv_tokens))
+        mask = rule.evaluate_tables(
+            q_tokens.coords[q_idx],
+            q_tokens.segments[q_idx],
+            kv_tokens.coords[k_idx],
+            kv_tokens.segments[k_idx],
+        )
+        mask &= q_ok[:, :, None] & k_ok[:, None, :]
+        counts[start : start + len(batch)] = mask.sum((1, 2))
+    return counts
 
 
 class BlockSparsePattern:
@@ -285,6 +436,7 @@ class BlockSparsePattern:
         self._allowed_elements = allowed_elements
         self._lists: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._device_cache: dict[torch.device, BlockSparsePattern] = {}
+        self.kernel_cache: dict = {}  # what a kernel derives from the pattern (launch arguments), made once
 
     # ---- construction
 
@@ -301,36 +453,34 @@ class BlockSparsePattern:
         kv_order: torch.Tensor | None = None,
         max_chunk_elements: int = 1 << 24,
     ) -> BlockSparsePattern:
-        """Classify every block exactly by evaluating the rule on the tables' device.
+        """Classify every block exactly, on the tables' device, without a token-level S x S tensor.
 
-        Per-block bounds (segments present, coordinate ranges) first rule out the block pairs that cannot
-        hold an allowed element; the rest are counted exactly, a batch of pairs at a time.
+        Per-block bounds (segment counts, coordinate ranges) decide most block pairs at once: skipped, full,
+        or partial where both blocks are one box of tokens. The pairs they leave unsure (blocks that mix
+        segments, frames or tiles) are decided from their boxes, which is exact.
         """
         q_len, kv_len = len(q_tokens), len(kv_tokens)
         device = q_tokens.coords.device
         rule, kv_tokens = rule.to(device), kv_tokens.to(device)
         segments = rule.num_segments
-        q_bounds, kv_bounds = (
-            _BlockBounds(q_tokens, block_q, segments),
-            _BlockBounds(kv_tokens, block_kv, segments),
-        )
-        candidates = q_bounds.may_attend(kv_bounds, rule).nonzero()
-        counts = torch.zeros(q_bounds.num_blocks, kv_bounds.num_blocks, dtype=torch.int64, device=device)
-        pairs_per_batch = max(1, max_chunk_elements // (block_q * block_kv))
-        for batch in candidates.split(pairs_per_batch):
-            q_idx, q_ok = _block_positions(batch[:, 0], block_q, q_len)
-            k_idx, k_ok = _block_positions(batch[:, 1], block_kv, kv_len)
-            mask = rule.evaluate_tables(
-                q_tokens.coords[q_idx],
-                q_tokens.segments[q_idx],
-                kv_tokens.coords[k_idx],
-                kv_tokens.segments[k_idx],
-            )
-            mask &= q_ok[:, :, None] & k_ok[:, None, :]
-            counts[batch[:, 0], batch[:, 1]] = mask.sum((1, 2))
-        area = _block_sizes(q_len, block_q, device)[:, None] * _block_sizes(kv_len, block_kv, device)[None, :]
-        full = counts == area
-        partial = (counts > 0) & ~full
+        q_bounds = _BlockBounds(q_tokens, block_q, segments)
+        kv_bounds = _BlockBounds(kv_tokens, block_kv, segments)
+        ranges = (_range_table(rule.limits, torch.cummax), _range_table(rule.limits, torch.cummin))
+        full = torch.zeros(q_bounds.num_blocks, kv_bounds.num_blocks, dtype=torch.bool, device=device)
+        partial = torch.zeros_like(full)
+        rows_per_batch = max(
+            1, max_chunk_elements // (8 * kv_bounds.num_blocks)
+        )  # bounds cost ~8 words a pair
+        for start in range(0, q_bounds.num_blocks, rows_per_batch):
+            rows = slice(start, start + rows_per_batch)
+            full_rows, partial_rows, unsure = q_bounds.rows(rows).classify(kv_bounds, rule, ranges)
+            pairs = unsure.nonzero()
+            if len(pairs):
+                pairs[:, 0] += start
+                whole, part = _refine(q_bounds, kv_bounds, pairs, rule, ranges, max_chunk_elements // 8)
+                full_rows[pairs[:, 0] - start, pairs[:, 1]] = whole
+                partial_rows[pairs[:, 0] - start, pairs[:, 1]] = part
+            full[rows], partial[rows] = full_rows, partial_rows
         return cls(
             q_len=q_len,
             kv_len=kv_len,
@@ -343,7 +493,6 @@ class BlockSparsePattern:
             kv_tokens=kv_tokens,
             q_order=q_order,
             kv_order=kv_order,
-            allowed_elements=int(counts.sum()),
         )
 
     @classmethod
@@ -446,10 +595,14 @@ class BlockSparsePattern:
     def allowed_elements(self) -> int:
         """Query-key pairs the pattern allows, summed over head groups."""
         if self._allowed_elements is None:
-            if self.has_partial:
-                self._allowed_elements = int(self.to_dense(order="positions").sum())
-            else:
-                self._allowed_elements = self.computed_elements
+            self._allowed_elements = int((self.full * self._block_area()).sum())
+            for group in self.partial:  # counted per partial block, never as an S x S mask
+                pairs = group.nonzero()
+                self._allowed_elements += int(
+                    _count_pairs(
+                        self.rule, self.q_tokens, self.kv_tokens, pairs, self.block_q, self.block_kv, 1 << 24
+                    ).sum()
+                )
         return self._allowed_elements
 
     @property
