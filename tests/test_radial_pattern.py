@@ -8,6 +8,7 @@ import torch
 from kernel_cases import assert_triton_matches_reference
 
 from attnpack.patterns import radial
+from attnpack.patterns.block_sparse import block_counts
 from attnpack.patterns.radial import frame_budget
 
 
@@ -104,7 +105,7 @@ def test_kernel_blocks_split_the_paper_blocks():
     assert torch.equal(coarse.to_dense(), fine.to_dense())
 
 
-def test_spatial_windows_are_discs_of_the_band_budget():
+def test_spatial_windows_are_tile_discs_of_the_band_budget():
     frames, per_frame, decay = 6, 128, 0.4
     pattern = radial(frames, (8, 16), decay_factor=decay, variant="spatial", block_size=16, blocks=(16, 16))
     dense = pattern.to_dense()[0].view(
@@ -112,12 +113,30 @@ def test_spatial_windows_are_discs_of_the_band_budget():
     )  # query frame, token, key frame, token
     assert dense[:, :, 0].all()  # the sink: every query sees the whole first frame
     assert dense[2, :, 1].all() and dense[2, :, 3].all()  # neighbouring frames: full
-    # frames 2 apart: a disc with the band's area around each query
+    # frames 2 apart: the 4 x 4 tiles (16-token blocks) whose centres lie in a disc with the band's area
+    # around the centre of the query's tile; the query at (3, 7) is in the tile centred at (1.5, 5.5)
     radius_squared = (2 * math.floor(frame_budget(per_frame, 2, decay, 16)) + 1) / math.pi
     ys, xs = torch.meshgrid(torch.arange(8), torch.arange(16), indexing="ij")
-    expected = ((ys - 3) ** 2 + (xs - 7) ** 2).flatten() < radius_squared
+    centre_y, centre_x = ys // 4 * 4 + 1.5, xs // 4 * 4 + 1.5
+    expected = ((centre_y - 1.5) ** 2 + (centre_x - 5.5) ** 2).flatten() < radius_squared
     assert torch.equal(dense[2, 3 * 16 + 7, 4], expected)
     assert 0 < int(expected.sum()) < per_frame
+    assert pattern.block_density == pattern.element_density  # whole tiles: nothing computed is masked
+
+
+def test_spatial_blocks_are_classified_exactly_where_tiles_do_not_fit():
+    """Frames of 6 x 10 tokens in 4 x 4 tiles, with text: blocks straddle tiles, frames and the text."""
+    pattern = radial(
+        5, (6, 10), decay_factor=0.3, text_tokens=7, variant="spatial", block_size=16, blocks=(16, 16)
+    )
+    counts = block_counts(pattern.to_dense(order="positions"), 16, 16)[0]
+    area = torch.full_like(counts, 256)
+    area[-1, :] = area[:, -1] = 16 * ((5 * 60 + 7) % 16)
+    area[-1, -1] = ((5 * 60 + 7) % 16) ** 2
+    assert torch.equal(pattern.full[0], counts == area)
+    assert torch.equal(pattern.partial[0], (counts > 0) & (counts < area))
+    assert pattern.allowed_elements == int(counts.sum())
+    assert pattern.block_density / pattern.element_density < 1.6
 
 
 @pytest.mark.parametrize("variant", ["official", "spatial"])

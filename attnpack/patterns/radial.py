@@ -10,8 +10,10 @@ Two variants of the same budget:
   band |i - j| <= width on the raster token index inside each frame pair, the first frame is a full key
   frame (attention sink), and the token mask is reduced to ``block_size`` blocks the way their code does:
   a block is kept when more than 60% of its non-empty columns have a density above 1/3.
-- ``spatial`` spends the same per-distance budget on true 2D windows (a disc of the band's area) on the
-  frame grid, in tiled token order, so it covers the nearest pixels instead of a strip of rows.
+- ``spatial`` spends the same per-distance budget on 2D windows of tiles: the frame is cut into tiles of a
+  query block (8 x 16 tokens), and a query tile attends the key tiles whose centres lie in a disc of the
+  band's area around its own centre (like sliding tile attention). The window covers the nearest pixels
+  instead of a strip of rows, and, being whole tiles, whole blocks: nothing computed is thrown away.
 
 Text tokens (a joint sequence: HunyuanVideo's text last, CogVideoX's first) attend and are attended
 everywhere.
@@ -177,7 +179,7 @@ def _spatial(
 
     length = video + text_tokens
     coords = torch.zeros(length, 3, dtype=torch.int32)
-    coords[video_start : video_start + video] = grid_coordinates(grid)
+    coords[video_start : video_start + video] = tile_centres(grid, tile)
     # segments: 0 text, 1 the sink frame, 2 other video frames
     segments = torch.zeros(length, dtype=torch.int32)
     segments[video_start : video_start + video] = 2
@@ -190,18 +192,52 @@ def _spatial(
     spatial = torch.zeros(3, 3, dtype=torch.bool)
     spatial[1:, 1:] = True
 
-    limits = []
+    limits = []  # squared distances between doubled tile centres
     for distance in range(num_frames):
         width = frame_budget(tokens_per_frame, distance, decay_factor, block_size)
         if width is None:
             limits.append(-1.0)
         elif math.isinf(width) or 2 * math.floor(width) + 1 >= tokens_per_frame:
-            limits.append(float(sum(n * n for n in frame_shape)) + 1.0)  # farther than any two tokens
+            limits.append(4.0 * sum(n * n for n in frame_shape) + 1.0)  # farther than any two tiles
         else:
-            limits.append((2 * math.floor(width) + 1) / math.pi)  # a disc of the band's area: r^2 = area / pi
+            limits.append(4 * (2 * math.floor(width) + 1) / math.pi)  # a disc of the band's area: πr² = area
     rule = ElementRule(allow, spatial, Metric.EUCLIDEAN, torch.tensor(limits))
-    tokens = TokenTable(coords[order], segments[order]).to(device)
+    coords, segments = coords[order], segments[order]
+    # A query block that straddles tiles takes one centre per frame (the mean of its tiles'): one disc for
+    # the block, not the union of its tiles' discs.
+    queries = TokenTable(_block_centres(coords, segments, blocks[0]), segments).to(device)
+    keys = TokenTable(coords, segments).to(device)
     order = order.to(device)
     return BlockSparsePattern.from_rule(
-        rule, tokens, tokens, block_q=blocks[0], block_kv=blocks[1], q_order=order, kv_order=order
+        rule, queries, keys, block_q=blocks[0], block_kv=blocks[1], q_order=order, kv_order=order
     )
+
+
+def _block_centres(coords: torch.Tensor, segments: torch.Tensor, block: int) -> torch.Tensor:
+    """coords (S, 3) in position order with (y, x) replaced by their mean over the tokens of the same block,
+    frame and segment (rounded), which the tiled order keeps consecutive."""
+    # the tokens of a (block, frame, segment) are consecutive: number each run
+    boundary = torch.ones(len(coords), dtype=torch.bool)
+    position = torch.arange(len(coords))
+    boundary[1:] = (
+        (position[1:] // block != position[:-1] // block)
+        | (coords[1:, 0] != coords[:-1, 0])
+        | (segments[1:] != segments[:-1])
+    )
+    group = boundary.cumsum(0) - 1
+    sums = torch.zeros(int(group.max()) + 1, 2).index_add_(0, group, coords[:, 1:].float())
+    sizes = torch.bincount(group).float()[:, None]
+    centred = coords.clone()
+    centred[:, 1:] = (sums / sizes).round().to(torch.int32)[group]
+    return centred
+
+
+def tile_centres(grid: tuple[int, int, int], tile: tuple[int, int, int]) -> torch.Tensor:
+    """(t, 2 y_c, 2 x_c) of each token of a raster (F, H, W) grid: its frame and the doubled centre of the
+    (1, th, tw) tile it lies in (edge tiles cut to the grid), so that all tokens of a tile share a place."""
+    coords = grid_coordinates(grid)
+    for axis in (1, 2):
+        size, step = grid[axis], tile[axis]
+        start = coords[:, axis] // step * step
+        coords[:, axis] = 2 * start + (size - start).clamp(max=step) - 1
+    return coords
