@@ -172,6 +172,7 @@ class IsolationAttention(AttentionMethod):
         check_number(owner, "seed", self.seed, low=0, integer=True)
         self._step = _Step()
         self._found: dict[str, torch.Tensor] = {}  # masks found from attention maps, at the map grid
+        self._patterns: dict[tuple, Any] = {}  # by segment layout: the same for every layer, step and row
 
     def config(self) -> dict[str, Any]:
         out = super().config()
@@ -335,8 +336,7 @@ class IsolationAttention(AttentionMethod):
             keys.append(call.key[target_row])
             values.append(call.value[target_row])
             key_segments.append(k_target)
-            rule = seg.rule(isolate=self.isolate, mutual=extra > 0)
-            pattern = segment_pattern(rule, query_segments.to(device), torch.cat(key_segments).to(device))
+            pattern = self.pattern(query_segments, torch.cat(key_segments), extra > 0, device)
             out[target_row] = block_sparse_attention(
                 call.query[target_row][None],
                 torch.cat(keys)[None],
@@ -345,6 +345,17 @@ class IsolationAttention(AttentionMethod):
                 scale=call.scale,
             )[0]
         return out
+
+    def pattern(self, query_segments: torch.Tensor, key_segments: torch.Tensor, mutual: bool, device):
+        """The isolation pattern of a segment layout (CPU tensors), built once per layout and device: the
+        layouts repeat over layers, steps and the rows of a batch, and change only with the masks."""
+        key = (query_segments.numpy().tobytes(), key_segments.numpy().tobytes(), mutual, str(device))
+        if key not in self._patterns:
+            if len(self._patterns) >= 64:  # masks found anew each generation: keep the recent layouts
+                self._patterns.pop(next(iter(self._patterns)))
+            rule = self.segments.rule(isolate=self.isolate, mutual=mutual)
+            self._patterns[key] = segment_pattern(rule, query_segments.to(device), key_segments.to(device))
+        return self._patterns[key]
 
     def attend_cross(self, call: AttnCall) -> torch.Tensor:
         rows = call.query.shape[0]

@@ -491,13 +491,30 @@ def _interpreting() -> bool:
     return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
 
 
+@functools.cache
+def _placeholder(device: torch.device) -> torch.Tensor:
+    """What an unused pointer argument points at (one per device, not an allocation per launch)."""
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
 def _pattern_arguments(pattern, transposed: bool, device, key_ok: torch.Tensor | None) -> list:
-    """Pointers and widths for the BSR lists, the token orders, the key mask and the element rule."""
+    """Pointers and widths for the BSR lists, the token orders, the key mask and the element rule; all but
+    the key mask made once per pattern, so that a launch does no device work before the kernel."""
+    key = ("triton arguments", transposed)
+    if key not in pattern.kernel_cache:
+        pattern.kernel_cache[key] = _make_pattern_arguments(pattern, transposed, device)
+    arguments = list(pattern.kernel_cache[key])
+    if key_ok is not None:
+        arguments[2] = key_ok
+    return arguments
+
+
+def _make_pattern_arguments(pattern, transposed: bool, device) -> list:
     suffix = "_t" if transposed else ""
     full_count, full_index = pattern.lists("full" + suffix)
     part_count, part_index = pattern.lists("partial" + suffix)
     rule, q_tokens, kv_tokens = pattern.rule, pattern.q_tokens, pattern.kv_tokens
-    dummy = torch.zeros(1, dtype=torch.int32, device=device)
+    dummy = _placeholder(device)
     if pattern.has_partial:
         allow_bits, spatial_bits = rule.segment_bits()
         tables = [
@@ -515,7 +532,7 @@ def _pattern_arguments(pattern, transposed: bool, device, key_ok: torch.Tensor |
     return [
         dummy if pattern.q_order is None else pattern.q_order,
         dummy if pattern.kv_order is None else pattern.kv_order,
-        dummy if key_ok is None else key_ok,
+        dummy,  # the key mask: the call's
         full_count,
         full_index,
         full_index.shape[-1],
