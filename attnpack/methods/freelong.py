@@ -17,10 +17,15 @@ bands (|frame distance| <= window // 2) in the block-sparse kernel, blended over
 Frame positions (AnimateDiff): the local branch gives each window positions 0..L-1; the global branch uses
 the module's own positions while the video fits its table, and beyond that positions squeezed into the
 trained window (nearest), so that no frame sees a position it was never trained on.
+
+Memory: the blend runs with real FFTs over chunks of channels and writes into the global branch's buffer,
+so a call holds its branches' outputs and a few chunks beyond q, k and v (no full-size complex spectra).
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -51,29 +56,105 @@ def gaussian_low_pass(
     return torch.exp(-0.5 * exponent)
 
 
+@functools.lru_cache(maxsize=32)
+def _cached_low_pass(
+    shape: tuple[int, int, int], spatial_cutoff: float, temporal_cutoff: float
+) -> torch.Tensor:
+    """gaussian_low_pass, computed once per (grid, cutoffs): the same filter serves every layer and step."""
+    return gaussian_low_pass(shape, spatial_cutoff, temporal_cutoff)
+
+
+CHUNK_SIZE = 1 << 22  # values per chunk of the blend (16 MiB in float32): wide enough for whole cache lines
+
+
+def _half_spectrum(mask: torch.Tensor, dims: tuple[int, ...], ndim: int, device) -> torch.Tensor:
+    """A (T, H, W) filter over shifted frequencies as a multiplier of rfftn(x, dim=sorted(dims)): in the
+    tensor's axis order, unshifted, even (the real part of a blend of real tensors sees only the filter's
+    even part, (G(f) + G(-f)) / 2; a Gaussian is even already), cut to the last axis' half spectrum."""
+    order = sorted(range(len(dims)), key=lambda i: dims[i])  # the filter's axes in the tensor's order
+    axes = tuple(range(len(dims)))
+    mask = torch.fft.ifftshift(mask.to(device, torch.float32).permute(order), dim=axes)
+    mask = (mask + torch.roll(torch.flip(mask, axes), (1,) * len(axes), axes)) / 2  # -f is (n - f) mod n
+    mask = mask[..., : mask.shape[-1] // 2 + 1]
+    shape = [1] * ndim
+    for d, n in zip(sorted(dims), mask.shape, strict=True):
+        shape[d] = n
+    return mask.reshape(shape)
+
+
+def _chunks(x: torch.Tensor, dims: tuple[int, ...], chunk_size: int):
+    """Index tuples cutting `x` into chunks of about `chunk_size` values along its axes outside `dims`:
+    the innermost of those axes (in memory) whole while they fit, then steps along the next, and one index
+    at a time of the outer ones. A chunk always holds whole FFTs over `dims`."""
+    free = sorted((d for d in range(x.ndim) if d not in dims), key=lambda d: (x.stride(d), d))
+    values = 1
+    for d in dims:
+        values *= x.shape[d]
+    split, step, outer = None, 1, []
+    for i, d in enumerate(free):
+        if values * x.shape[d] <= chunk_size:
+            values *= x.shape[d]
+            continue
+        split, step, outer = d, max(1, chunk_size // values), free[i + 1 :]
+        break
+    whole = [slice(None)] * x.ndim
+    for index in itertools.product(*(range(x.shape[d]) for d in outer)):
+        for d, i in zip(outer, index, strict=True):
+            whole[d] = slice(i, i + 1)
+        if split is None:
+            yield tuple(whole)
+            continue
+        for lo in range(0, x.shape[split], step):
+            whole[split] = slice(lo, lo + step)
+            yield tuple(whole)
+        whole[split] = slice(None)
+
+
 def spectral_blend(
-    outputs: list[torch.Tensor], low_passes: list[torch.Tensor], dims: tuple[int, int, int]
+    outputs: list[torch.Tensor],
+    low_passes: list[torch.Tensor],
+    dims: tuple[int, int, int],
+    *,
+    out: torch.Tensor | None = None,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Blend branches by frequency over the three `dims` (T, H, W order), in float32; returns the first
     branch's dtype. `outputs` run from the widest attention (global) to the narrowest, `low_passes` (one
     fewer, each wider than the last) split the spectrum between neighbours: branch 0 takes G_0, branch b
-    takes G_b - G_(b-1), the last takes 1 - G_last. Two branches are FreeLong; more, FreeLong++'s bands."""
+    takes G_b - G_(b-1), the last takes 1 - G_last. Two branches are FreeLong; more, FreeLong++'s bands.
+
+    Computed as  x_last + sum_b ifft(G_b fft(x_b - x_(b+1)))  with real FFTs, over chunks of about
+    `chunk_size` values (default CHUNK_SIZE) cut along the axes outside `dims`, so that the working memory
+    is a few chunks, not full-size complex spectra. `out` (the outputs' shape) receives the result and may
+    be one of `outputs`: each chunk is read whole before it is written."""
     if len(low_passes) != len(outputs) - 1:
         raise ValueError(f"spectral_blend: {len(outputs)} outputs need {len(outputs) - 1} low-pass filters")
-    shape = [1] * outputs[0].ndim
-    for d, n in zip(dims, low_passes[0].shape, strict=True):
-        shape[d] = n
-    order = sorted(range(len(dims)), key=lambda i: dims[i])  # the filters' axes in the tensor's order
-    device = outputs[0].device
-    masks = [mask.to(device).permute(order).reshape(shape) for mask in low_passes]
-    up_to = [*masks, torch.ones((), device=device)]  # G_b: what branches 0..b take together
-    below = [torch.zeros((), device=device), *masks]
-    mixed = 0
-    for out, total, taken in zip(outputs, up_to, below, strict=True):
-        spectrum = torch.fft.fftshift(torch.fft.fftn(out.float(), dim=dims), dim=dims)
-        mixed = mixed + spectrum * (total - taken)
-    blended = torch.fft.ifftn(torch.fft.ifftshift(mixed, dim=dims), dim=dims).real
-    return blended.to(outputs[0].dtype)
+    first = outputs[0]
+    if any(x.shape != first.shape for x in outputs) or (out is not None and out.shape != first.shape):
+        raise ValueError(
+            f"spectral_blend: outputs and out must share one shape; got {[tuple(x.shape) for x in outputs]}"
+            + ("" if out is None else f" and out {tuple(out.shape)}")
+        )
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"spectral_blend: chunk_size={chunk_size!r} must be a positive integer")
+    if out is None:
+        out = torch.empty_like(first)
+    if len(outputs) == 1:
+        return out.copy_(first)
+    fft_dims = sorted(dims)
+    sizes = [first.shape[d] for d in fft_dims]
+    masks = [_half_spectrum(mask, dims, first.ndim, first.device) for mask in low_passes]
+    for index in _chunks(first, dims, chunk_size or CHUNK_SIZE):
+        parts = [x[index].float() for x in outputs]
+        spectrum = None
+        for mask, wide, narrow in zip(masks, parts, parts[1:], strict=False):
+            band = torch.fft.rfftn(wide - narrow, dim=fft_dims).mul_(mask)
+            spectrum = band if spectrum is None else spectrum.add_(band)
+        blended = torch.fft.irfftn(spectrum, s=sizes, dim=fft_dims).add_(parts[-1])
+        out[index] = blended
+    return out
 
 
 @dataclass(eq=False, repr=False)
@@ -128,7 +209,9 @@ class FreeLongAttention(AttentionMethod):
 
     def low_passes(self, grid: tuple[int, int, int], windows: list[int]) -> list[torch.Tensor]:
         return [
-            gaussian_low_pass(grid, self.spatial_cutoff, self.temporal_cutoff * self.local_window / window)
+            _cached_low_pass(
+                tuple(grid), self.spatial_cutoff, self.temporal_cutoff * self.local_window / window
+            )
             for window in windows
         ]
 
@@ -176,11 +259,12 @@ class FreeLongAttention(AttentionMethod):
             )
             spatial = (1, 1)
         height, width = spatial
-        # (B*H*W, F, heads, D) -> (B, H, W, F, heads*D): FFT over frames, height, width
-        grid = lambda x: x.reshape(-1, height, width, frames, x.shape[2] * x.shape[3])  # noqa: E731
+        # (B*H*W, F, heads, D) -> (B, H, W, F, heads, D), a view: FFT over frames, height, width
+        grid = lambda x: x.unflatten(0, (-1, height, width))  # noqa: E731
         low_passes = self.low_passes((frames, height, width), windows)
-        blended = spectral_blend([grid(b) for b in branches], low_passes, dims=(3, 1, 2))
-        return blended.reshape(call.query.shape)
+        # blended in place into the global branch, a buffer of this call's own
+        spectral_blend([grid(b) for b in branches], low_passes, dims=(3, 1, 2), out=grid(branches[0]))
+        return branches[0]
 
     def attend_video_tokens(self, call: AttnCall) -> torch.Tensor:
         """A video DiT: global attention and frame bands of each window (|frame distance| <= window // 2)
@@ -198,9 +282,12 @@ class FreeLongAttention(AttentionMethod):
             branches.append(
                 block_sparse_attention(call.query, call.key, call.value, pattern, scale=call.scale)
             )
-        # (B, F*H*W, heads, D) -> (B, F, H, W, heads*D)
-        tokens = lambda x: x.reshape(x.shape[0], *grid, -1)  # noqa: E731
-        blended = spectral_blend(
-            [tokens(b) for b in branches], self.low_passes(grid, windows), dims=(1, 2, 3)
+        # (B, F*H*W, heads, D) -> (B, F, H, W, heads, D), a view whatever the kernels' output strides
+        tokens = lambda x: x.unflatten(1, tuple(grid))  # noqa: E731
+        spectral_blend(  # in place into the global branch, a buffer of this call's own
+            [tokens(b) for b in branches],
+            self.low_passes(grid, windows),
+            dims=(1, 2, 3),
+            out=tokens(global_out),
         )
-        return blended.reshape(call.query.shape)
+        return global_out

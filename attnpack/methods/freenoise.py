@@ -13,6 +13,10 @@ fuses once per motion-module transformer block, after both temporal attentions, 
 On Wan (video self-attention over frames x height x width tokens) the windows are `context_length` latent
 frames (Wan 2.1 trained on 21: 81 frames), each a contiguous slice of the token sequence attended on its
 own; RoPE is relative, so a window needs no positions of its own.
+
+Memory: off CUDA the windows are attended one at a time and added in place into one float32 buffer (no
+stacked copies of the windows), so a call holds that buffer and one window's q, k, v and output beyond its
+inputs.
 """
 
 from __future__ import annotations
@@ -255,7 +259,7 @@ def _window_fused_block(
             ) + chunk  # fmt: skip
         fused[:, start:end] += chunk.float() * weights[None, :, None]
         total[start:end] += weights
-    hidden_states = (fused / total[None, :, None]).to(hidden_states.dtype)
+    hidden_states = fused.div_(total[None, :, None]).to(hidden_states.dtype)  # in place: no second copy
     norm = block.norm3(hidden_states)
     if block._chunk_size is not None:
         from diffusers.models.attention import _chunked_feed_forward

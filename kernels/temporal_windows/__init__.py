@@ -4,7 +4,8 @@ local branches.
 `windowed_attention(q, k, v, windows, weights, offsets=None)` runs attention over (B, F, H, D) frames in
 every window of `windows` (equal lengths L), each window with the position offsets (L, H, D) added to its
 q, k and v, and returns each frame's weighted mean over its windows. On CUDA the Triton kernel does it in
-one pass; elsewhere the torch reference stacks the windows into one SDPA call. For a video DiT the
+one pass; elsewhere the torch reference attends window by window (SDPA) and adds each weighted window into
+one buffer, so that it holds one window's work at a time, not stacked copies. For a video DiT the
 sequence is frames of `tokens_per_frame` tokens each; every window is then a contiguous slice, attended by
 SDPA on its own (FlashAttention on CUDA).
 """

@@ -1,10 +1,17 @@
-"""Window-fused attention over frames: the spec of the temporal-window kernel."""
+"""Window-fused attention over frames: the spec of the temporal-window kernels.
+
+Memory: nothing here is as large as windows x frames x channels. FreeNoise's windows are attended one at a
+time and accumulated in place into one float32 buffer; FreeLong's branches run over chunks of sequences
+(`CHUNK_BYTES` of working memory each) written into their two outputs.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..dense import dense_attention
+
+CHUNK_BYTES = 1 << 27  # working memory of one chunk of sequences in global_local / local_window attention
 
 
 def centered_windows(num_frames: int, length: int) -> torch.Tensor:
@@ -28,43 +35,34 @@ def windowed_attention_reference(
     """Attention over frames (B, F, H, D) per window, fused: sum_w weights * out_w / sum_w weights per frame.
 
     All windows have the same length L; `offsets` are the window positions' (q, k, v) projections (L, H, D)
-    added inside every window. One attention call covers every window (windows stacked into the batch).
-    With `tokens_per_frame` T > 1 the sequence is F frames of T tokens each (a video DiT), and each window is
-    a contiguous slice attended on its own.
+    added inside every window. With `tokens_per_frame` T > 1 the sequence is F frames of T tokens each (a
+    video DiT). Each window is a contiguous slice, attended on its own; its weighted output is added in
+    place into one float32 buffer, divided by the frames' total weights at the end.
     """
-    if tokens_per_frame > 1:
-        return _frame_slices(query, key, value, windows, weights, scale, tokens_per_frame)
-    batch, frames, heads, dim = query.shape
-    length = windows[0][1] - windows[0][0]
-    index = torch.stack([torch.arange(start, end) for start, end in windows]).to(query.device)  # (W, L)
-
-    def gather(x: torch.Tensor, offset: torch.Tensor | None) -> torch.Tensor:
-        x = x[:, index]  # (B, W, L, H, D)
-        if offset is not None:
-            x = x + offset[:length].to(x.dtype)
-        return x.flatten(0, 1)
-
-    offsets = offsets or (None, None, None)
-    q, k, v = (gather(x, offset) for x, offset in zip((query, key, value), offsets, strict=True))
-    out = dense_attention(q, k, v, scale=scale).unflatten(0, (batch, len(windows)))
-    w = weights.to(out.device, torch.float32)
-    fused = torch.zeros(batch, frames, heads, dim, device=out.device, dtype=torch.float32)
-    fused.index_add_(1, index.flatten(), (out.float() * w[None, None, :, None, None]).flatten(1, 2))
-    total = torch.zeros(frames, device=out.device).index_add_(0, index.flatten(), w.repeat(len(windows)))
-    return (fused / total[None, :, None, None]).to(query.dtype)
-
-
-def _frame_slices(query, key, value, windows, weights, scale, tokens) -> torch.Tensor:
-    frames = query.shape[1] // tokens
+    batch, tokens, heads, dim = query.shape
+    per_frame = tokens_per_frame
+    frames = tokens // per_frame
     w = weights.to(query.device, torch.float32)
-    fused = torch.zeros(query.shape, device=query.device, dtype=torch.float32)
+    fused = torch.zeros(batch, frames, per_frame, heads, dim, device=query.device, dtype=torch.float32)
     total = torch.zeros(frames, device=query.device)
     for start, end in windows:
-        part = slice(start * tokens, end * tokens)
-        out = dense_attention(query[:, part], key[:, part], value[:, part], scale=scale)
-        fused[:, part] += out.float() * w.repeat_interleave(tokens)[None, :, None, None]
+        part = slice(start * per_frame, end * per_frame)
+        q, k, v = query[:, part], key[:, part], value[:, part]
+        if offsets is not None:
+            q, k, v = (x + o[: end - start].to(x.dtype) for x, o in zip((q, k, v), offsets, strict=True))
+        out = dense_attention(q, k, v, scale=scale).unflatten(1, (end - start, per_frame))
+        fused[:, start:end].addcmul_(out.float(), w[None, :, None, None, None])
         total[start:end] += w
-    return (fused / total.repeat_interleave(tokens)[None, :, None, None]).to(query.dtype)
+    fused.div_(total[None, :, None, None, None])
+    return fused.flatten(1, 2).to(query.dtype)
+
+
+def _rows_per_chunk(query: torch.Tensor, window: int | None = None) -> int:
+    """Sequences per chunk so that one chunk's scores, probabilities and float32 copies stay within
+    CHUNK_BYTES (the local branch forms every (frame, frame) score before picking out the band)."""
+    _, frames, heads, dim = query.shape
+    per_row = 4 * heads * frames * (3 * frames + 8 * dim + 3 * (window or 0))
+    return max(1, CHUNK_BYTES // per_row)
 
 
 def local_window_attention(
@@ -77,7 +75,19 @@ def local_window_attention(
     scale: float | None = None,
 ) -> torch.Tensor:
     """Every frame of (B, F, H, D) attends exactly the `window` frames of the window around it (shifted
-    inside at the ends); `offsets` (window, H, D) are the positions 0..window-1 inside each window."""
+    inside at the ends); `offsets` (window, H, D) are the positions 0..window-1 inside each window. Runs
+    over chunks of sequences."""
+    step = _rows_per_chunk(query, window)
+    if query.shape[0] <= step:
+        return _local_window(query, key, value, window, offsets, scale)
+    out = torch.empty_like(query)
+    for lo in range(0, query.shape[0], step):
+        rows = slice(lo, lo + step)
+        out[rows] = _local_window(query[rows], key[rows], value[rows], window, offsets, scale)
+    return out
+
+
+def _local_window(query, key, value, window, offsets, scale) -> torch.Tensor:
     batch, frames, heads, dim = query.shape
     window = min(window, frames)
     scale = dim**-0.5 if scale is None else scale
@@ -92,7 +102,7 @@ def local_window_attention(
     if offsets is not None:
         scores = scores + torch.einsum("bihd,jhd->bhij", q, k_offset[:window])
     probs = (scores * scale).softmax(dim=-1)
-    full = torch.zeros(batch, heads, frames, frames, device=q.device).scatter(
+    full = torch.zeros(batch, heads, frames, frames, device=q.device).scatter_(
         -1, band.expand(batch, heads, frames, window), probs
     )
     out = torch.einsum("bhij,bjhd->bihd", full, v)
@@ -105,13 +115,17 @@ def global_local_attention_reference(
     query, key, value, window, *, global_offsets=None, local_offsets=None, scale=None
 ):
     """FreeLong's two branches: attention over every frame (with `global_offsets` (F, H, D) added to q, k,
-    v) and over the window around each frame (`local_offsets` (window, H, D) by place in the window)."""
-    if global_offsets is not None:
-        query_g, key_g, value_g = (
-            x + o.to(x.dtype) for x, o in zip((query, key, value), global_offsets, strict=True)
-        )
-    else:
-        query_g, key_g, value_g = query, key, value
-    global_out = dense_attention(query_g, key_g, value_g, scale=scale)
-    local_out = local_window_attention(query, key, value, window, offsets=local_offsets, scale=scale)
+    v) and over the window around each frame (`local_offsets` (window, H, D) by place in the window). Runs
+    over chunks of sequences, written into the two outputs."""
+    global_out, local_out = torch.empty_like(query), torch.empty_like(query)
+    step = _rows_per_chunk(query, window)
+    for lo in range(0, query.shape[0], step):
+        rows = slice(lo, lo + step)
+        q, k, v = query[rows], key[rows], value[rows]
+        if global_offsets is not None:
+            qg, kg, vg = (x + o.to(x.dtype) for x, o in zip((q, k, v), global_offsets, strict=True))
+        else:
+            qg, kg, vg = q, k, v
+        global_out[rows] = dense_attention(qg, kg, vg, scale=scale)
+        local_out[rows] = _local_window(q, k, v, window, local_offsets, scale)
     return global_out, local_out
