@@ -3,20 +3,36 @@
     out = block_sparse_attention(q, k, v, pattern)                     # (B, Sq, H, D)
     out, lse = block_sparse_attention(q, k, v, pattern, return_lse=True)  # lse: (B, Sq, H), natural log
 
-Backends: "triton" (attnpack's kernels: forward and backward), "reference" (float32 math under
-`pattern.to_dense()`: the spec), "flex" (FlexAttention with the same block mask, for comparison) and
-"sdpa" (SDPA with the dense mask). "auto" picks Triton on CUDA; elsewhere SDPA with the dense mask, which
-is what stock diffusers computes there, or the reference when the LSE is asked for.
-A query row with no allowed key returns zeros (and an LSE of -inf), whatever the backend.
+Backends: "triton" (attnpack's kernels: forward and backward), "chunked" (the pattern's block lists a chunk
+of query blocks at a time: only listed key blocks are computed, the element rule only inside partial blocks,
+parts merged by LSE; memory bounded, no S x S tensor), "reference" (float32 math under `pattern.to_dense()`:
+the spec), "sdpa" (SDPA with the dense mask) and "flex" (FlexAttention with the same block mask, a comparison
+backend). A query row with no allowed key returns zeros (and an LSE of -inf), whatever the backend.
+
+What "auto" runs on each device:
+
+- CUDA (with triton installed): Triton.
+- CPU: below DENSE_MASK_MAX_BYTES of dense mask (`dense_bytes`, 64 MB: ~700 tokens at 24 heads, ~1500 at
+  2), SDPA with the dense mask (the reference when the LSE is asked for), which is fastest there;
+  above, "chunked", each part through SDPA's fused CPU kernel (float32 accumulation, AMX / AVX-512 for
+  bfloat16). It needs a few hundred MB whatever S is, where the dense mask needs ~20 bytes per query-key
+  pair per head (FLUX 2048² tens of GB, Wan 480p 81 frames more).
+- Apple MPS, ROCm or CUDA without triton: the same choice, "chunked" running each part as float32 torch
+  math (any device; not measured on MPS or ROCm).
+
+FlexAttention is not an auto choice off CUDA: in torch 2.13 its eager CPU path materialises the S x S scores
+and its compiled CPU path is inference-only, without the LSE.
 
     dq, dk, dv = block_sparse_attention_backward(grad_out, q, k, v, out, lse, pattern)
 
 is the backward of one part of a larger attention, given that attention's `out` and `lse`: ring
-attention runs it on each key chunk (Triton on CUDA, the reference elsewhere).
+attention runs it on each key chunk (Triton on CUDA; elsewhere the reference with the dense mask when it is
+small, the chunked backward otherwise).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 
@@ -26,12 +42,14 @@ from ..backend import current_backend
 from .reference import (
     block_sparse_attention_backward_reference,
     block_sparse_attention_reference,
+    chunked_backward,
+    chunked_forward,
     head_mask,
 )
 
 logger = logging.getLogger("attnpack")
 
-BACKENDS = ("auto", "triton", "reference", "flex", "sdpa")
+BACKENDS = ("auto", "triton", "reference", "flex", "sdpa", "chunked")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 _logged: set[str] = set()
@@ -47,19 +65,55 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def resolve_backend(backend: str | None, device: torch.device, need_lse: bool = False) -> str:
-    """The backend a call runs on: the argument, else `set_backend` / ATTNPACK_KERNEL_BACKEND, else auto."""
+# Off CUDA, "auto" builds an S x S mask only below this many bytes (see `dense_bytes`). Measured on a 2-core
+# CPU (bf16 forward, CLEAR r8 + 64 text, 24 heads): dense mask 38 ms, chunked 41 ms at 640 tokens (36 MB);
+# 171 ms and 119 ms at 1,088 tokens (105 MB).
+DENSE_MASK_MAX_BYTES = 64 << 20
+
+
+def dense_bytes(pattern, q: torch.Tensor, *, need_lse: bool = False, key_padding: bool = False) -> int:
+    """About what the dense-mask paths allocate for one call: `pattern.to_dense()` (a bool per pair and
+    group, ~20 bytes a pair while the element rule is evaluated), then SDPA's per-head mask (bool and q's
+    dtype, per batch element with key padding) or, for the LSE / backward, the reference's float32 scores."""
+    batch, _, heads, _ = q.shape
+    pairs = pattern.q_len * pattern.kv_len
+    total = pairs * (pattern.num_groups + (20 if pattern.has_partial else 0))
+    if need_lse:
+        return total + pairs * batch * heads * 16
+    return total + pairs * (batch if key_padding else 1) * heads * (1 + q.element_size())
+
+
+def _triton_runs(device: torch.device) -> bool:
+    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(
+    backend: str | None, device: torch.device, need_lse: bool = False, dense: int | None = None
+) -> str:
+    """The backend a call runs on: the argument, else `set_backend` / ATTNPACK_KERNEL_BACKEND, else auto.
+
+    Auto: Triton on CUDA (where triton is installed); elsewhere SDPA with the dense mask (the reference when
+    the LSE is asked for), or the chunked path when `dense` (the bytes the dense mask would take, see
+    `dense_bytes`) is over DENSE_MASK_MAX_BYTES."""
     name = (backend or current_backend()).lower()
     if name not in BACKENDS:
         raise ValueError(
             f"block_sparse_attention: backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}"
         )
     if name == "auto":
-        if device.type == "cuda":
+        if _triton_runs(device):
             return "triton"
+        where = "no CUDA device" if device.type != "cuda" else "triton is not installed"
+        if dense is not None and dense > DENSE_MASK_MAX_BYTES:
+            _log_once(
+                f"block_sparse_attention: {where} ({device.type}), running the chunked path over the "
+                "pattern's block lists (memory bounded; the dense mask would take "
+                f"{dense / 2**30:.1f} GiB)"
+            )
+            return "chunked"
         fallback = "reference" if need_lse else "sdpa"
         _log_once(
-            f"block_sparse_attention: no CUDA device ({device.type}), running {fallback} with the dense mask "
+            f"block_sparse_attention: {where} ({device.type}), running {fallback} with the dense mask "
             "(memory and time grow with the square of the sequence)"
         )
         return fallback
@@ -120,6 +174,22 @@ class _TritonBlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+class _ChunkedBlockSparseAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pattern, scale, key_padding):
+        o, lse = chunked_forward(q, k, v, pattern, scale, key_padding)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.pattern, ctx.scale, ctx.key_padding = pattern, scale, key_padding
+        ctx.mark_non_differentiable(lse)
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        dq, dk, dv = chunked_backward(grad_out, q, k, v, o, lse, ctx.pattern, ctx.scale, ctx.key_padding)
+        return dq, dk, dv, None, None, None
+
+
 def _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse: bool) -> tuple[float, str]:
     """Check the arguments; the softmax scale and the backend that runs."""
     _check(q, k, v, pattern)
@@ -131,7 +201,8 @@ def _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse: bool) -> t
             f"{(k.shape[0], k.shape[1])}; got {key_padding.dtype} {tuple(key_padding.shape)}"
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return scale, resolve_backend(backend, q.device, need_lse=need_lse)
+    dense = dense_bytes(pattern, q, need_lse=need_lse, key_padding=key_padding is not None)
+    return scale, resolve_backend(backend, q.device, need_lse=need_lse, dense=dense)
 
 
 def block_sparse_attention(
@@ -156,6 +227,8 @@ def block_sparse_attention(
         key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
         out, lse = _TritonBlockSparseAttention.apply(q, k, v, pattern, scale, key_ok)
         lse = lse.transpose(1, 2)
+    elif name == "chunked":
+        out, lse = _ChunkedBlockSparseAttention.apply(q, k, v, pattern, scale, key_padding)
     elif name == "reference":
         out, lse = block_sparse_attention_reference(q, k, v, pattern, scale, key_padding)
     elif name == "flex":
@@ -199,10 +272,12 @@ def block_sparse_attention_backward(
         key_ok = None if key_padding is None else key_padding.to(torch.int8).contiguous()
         lse = lse.transpose(1, 2).contiguous()
         return triton_kernels.backward(grad_out.contiguous(), q, k, v, out, lse, pattern, scale, key_ok)
-    if name != "reference":
-        _log_once(
-            f"block_sparse_attention_backward: no {name} backward of a key chunk, running the reference"
-        )
+    if name in ("flex", "sdpa"):
+        dense = dense_bytes(pattern, q, need_lse=True)
+        name = "chunked" if dense > DENSE_MASK_MAX_BYTES else "reference"
+        _log_once(f"block_sparse_attention_backward: no backward of a key chunk there, running {name}")
+    if name == "chunked":
+        return chunked_backward(grad_out, q, k, v, out, lse, pattern, scale, key_padding)
     return block_sparse_attention_backward_reference(grad_out, q, k, v, out, lse, pattern, scale, key_padding)
 
 
@@ -211,5 +286,6 @@ __all__ = [
     "block_sparse_attention",
     "block_sparse_attention_backward",
     "block_sparse_attention_reference",
+    "dense_bytes",
     "resolve_backend",
 ]
