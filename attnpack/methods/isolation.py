@@ -121,6 +121,7 @@ class _Step:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # "target i" / "reference i" -> (h, w) sum
     counts: dict[str, int] = field(default_factory=dict)
     self_attention: dict[str, torch.Tensor] = field(default_factory=dict)  # block -> (rows, N, N) for the CA
+    patterns: dict[tuple, object] = field(default_factory=dict)  # (grid, text, mutual, device) -> pattern
 
 
 @dataclass(eq=False, repr=False)
@@ -303,48 +304,49 @@ class IsolationAttention(AttentionMethod):
             return out  # masks not known yet (found from attention maps from the next step on)
         targets, _ = masks
         n, text = len(self.subjects), call.layout.text_len if call.layout.role is Role.JOINT else 0
-        device = call.query.device
-        seg = self.segments
-        q_segments = torch.full((grid[0] * grid[1],), seg.BACKGROUND, dtype=torch.int32)
-        for i, target in enumerate(targets):
-            q_segments[target.flatten().cpu()] = seg.subject(i)
-        k_target = torch.cat([torch.full((text,), seg.TEXT, dtype=torch.int32), q_segments])
-        extra = prepared["extra"]
-        state = prepared["state"]
+        extra, device, state = prepared["extra"], call.query.device, prepared["state"]
+        key = (grid, text, extra > 0, str(device))
+        if key not in state.patterns:  # the masks and this step's draws are the same for every layer and row
+            moved = prepared["moved"][:n] if extra else None
+            query_segments, key_segments = self.row_segments(targets, moved, state, grid, text)
+            state.patterns[key] = self.pattern(query_segments, torch.cat(key_segments), extra > 0, device)
+        pattern = state.patterns[key]
         for h in range(rows // self.group):
             target_row = h * self.group + n
-            query_segments = k_target.clone()
-            keys, values, key_segments = [], [], []
-            if extra:
-                for i in range(n):
-                    keep = self.keep(state, i, grid, "cpu").flatten()
-                    subject = torch.cat([torch.zeros(text, dtype=torch.bool), targets[i].flatten().cpu()])
-                    image_keep = torch.cat([torch.zeros(text, dtype=torch.bool), keep])
-                    query_segments[subject & ~image_keep] = seg.dropped(i)
-                    moved = prepared["moved"][h * n + i].flatten().cpu()
-                    row = rows + h * n + i
-                    ref_segments = torch.full((text + moved.numel(),), seg.HIDDEN, dtype=torch.int32)
-                    ref_segments[text:][moved] = seg.reference(i)
-                    keys.append(call.key[row])
-                    values.append(call.value[row])
-                    key_segments.append(ref_segments)
-                    if text:  # FLUX: reference i's text, for subject i's queries
-                        ref_row = h * self.group + i
-                        keys.append(call.key[ref_row, :text])
-                        values.append(call.value[ref_row, :text])
-                        key_segments.append(torch.full((text,), seg.reference_text(i), dtype=torch.int32))
-            keys.append(call.key[target_row])
-            values.append(call.value[target_row])
-            key_segments.append(k_target)
-            pattern = self.pattern(query_segments, torch.cat(key_segments), extra > 0, device)
+            parts = []  # (row, tokens) in the order of key_segments
+            for i in range(n if extra else 0):
+                parts.append((rows + h * n + i, slice(None)))
+                if text:  # FLUX: reference i's text, for subject i's queries
+                    parts.append((h * self.group + i, slice(None, text)))
+            parts.append((target_row, slice(None)))
             out[target_row] = block_sparse_attention(
                 call.query[target_row][None],
-                torch.cat(keys)[None],
-                torch.cat(values)[None],
+                torch.cat([call.key[row, tokens] for row, tokens in parts])[None],
+                torch.cat([call.value[row, tokens] for row, tokens in parts])[None],
                 pattern,
                 scale=call.scale,
             )[0]
         return out
+
+    def row_segments(self, targets, moved, state: _Step, grid, text: int) -> tuple[torch.Tensor, list]:
+        """Segments of a target row's queries, and of its keys part by part in the order `attend` joins
+        them: per subject the repositioned reference (its text, then its image; `moved`: where the reference
+        landed) and for FLUX the reference's own text; then the target. `moved` None: no references."""
+        seg = self.segments
+        image = torch.full((grid[0] * grid[1],), seg.BACKGROUND, dtype=torch.int32)
+        for i, target in enumerate(targets):
+            image[target.flatten().cpu()] = seg.subject(i)
+        target_segments = torch.cat([torch.full((text,), seg.TEXT, dtype=torch.int32), image])
+        query_segments, key_segments = target_segments.clone(), []
+        for i in range(len(targets) if moved is not None else 0):
+            dropped = targets[i].flatten().cpu() & ~self.keep(state, i, grid, "cpu").flatten()
+            query_segments[text:][dropped] = seg.dropped(i)
+            reference = torch.full((text + moved[i].numel(),), seg.HIDDEN, dtype=torch.int32)
+            reference[text:][moved[i].flatten().cpu()] = seg.reference(i)
+            key_segments.append(reference)
+            if text:
+                key_segments.append(torch.full((text,), seg.reference_text(i), dtype=torch.int32))
+        return query_segments, [*key_segments, target_segments]
 
     def pattern(self, query_segments: torch.Tensor, key_segments: torch.Tensor, mutual: bool, device):
         """The isolation pattern of a segment layout (CPU tensors), built once per layout and device: the
