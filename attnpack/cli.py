@@ -168,6 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     temporal_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
     temporal_bench.add_argument("--warmup-ms", type=float, default=25.0)
     temporal_bench.add_argument("--rep-ms", type=float, default=100.0)
+    patterns_bench = bench_commands.add_parser(
+        "patterns", help="every method's pattern at real geometries: build time, memory, densities"
+    )
+    patterns_bench.add_argument(
+        "names", nargs="*", metavar="ROW", help="row names, shell patterns or prefixes (default: every real row; "
+        "tiny: the smoke rows)"
+    )  # fmt: skip
+    patterns_bench.add_argument("--device", help="cuda (default when present) or cpu")
+    patterns_bench.add_argument(
+        "--out", help="JSON path or folder (default benchmarks/results/patterns-<device>.json)"
+    )
+    patterns_bench.add_argument("--overwrite", action="store_true", help="replace existing result files")
+    patterns_bench.add_argument(
+        "--time-limit", type=float, default=120.0, metavar="SECONDS",
+        help="per row, each in its own process (default 120; 0: all rows in this process, no limit)",
+    )  # fmt: skip
     generate = commands.add_parser(
         "generate", help="an image or video with a preset and a method, config embedded"
     )

@@ -141,7 +141,7 @@ def test_temporal_benchmark_on_the_smoke_geometry(tmp_path):
     assert set(record["summary"]) == {
         "freelong: attnpack one pass vs two sdpa calls",
         "freelong: attnpack one pass + positions vs two sdpa calls",
-        "freenoise fused vs stacked",
+        "freenoise fused vs reference",
     }
     with pytest.raises(ValueError, match="Use --geometry tiny"):
         temporal.run(["animatediff-512-64f-level0"], device="cpu", out=tmp_path)

@@ -86,7 +86,7 @@ def prepare_run(
 ) -> tuple[torch.device, dict[str, Any], Path]:
     """What every benchmark checks before it starts: known names, a GPU for the real sizes, a result path
     that will not overwrite anything unasked. Returns (device, device info, JSON path)."""
-    from ..environment import device_info, device_slug
+    from ..environment import device_info
 
     unknown = [name for name in names if name not in known]
     if unknown:
@@ -98,13 +98,21 @@ def prepare_run(
             f"Use --{flag} {' '.join(smoke)} to check the benchmark itself on a CPU."
         )
     info = device_info(device)
+    return device, info, result_path(suite, info, out, overwrite)
+
+
+def result_path(suite: str, info: dict[str, Any], out, overwrite: bool) -> Path:
+    """`out` (a JSON path or a folder; default benchmarks/results/) for `suite` on this device, refused
+    when it exists and `overwrite` is not set."""
+    from ..environment import device_slug
+
     name = f"{suite}-{device_slug(info)}.json"
     out = Path("benchmarks/results") / name if out is None else Path(out)
     if out.suffix != ".json":
         out = out / name
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
-    return device, info, out
+    return out
 
 
 def result_header(suite: str, info: dict[str, Any], dtype, timing: dict[str, Any], notes: list[str]) -> dict:
