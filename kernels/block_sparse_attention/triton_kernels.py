@@ -15,6 +15,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 LOG2E = 1.4426950408889634
 
@@ -125,7 +126,10 @@ def _fwd_blocks(
     K_SEG,
     LIMITS,
     offs_d,
+    b,
+    h,
     HEAD_DIM: tl.constexpr,
+    D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PARTIAL: tl.constexpr,
     METRIC: tl.constexpr,
@@ -134,6 +138,7 @@ def _fwd_blocks(
     HAS_KEY_MASK: tl.constexpr,
     UPCAST: tl.constexpr,
     IEEE: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):
     d_ok = offs_d[None, :] < HEAD_DIM
     for i in range(0, count):
@@ -142,12 +147,14 @@ def _fwd_blocks(
         n_in = offs_n < kv_len
         rows = _rows(KV_ORDER, offs_n, n_in, HAS_KV_ORDER)
         n_ok = _key_ok(KEY_OK, rows, n_in, HAS_KEY_MASK)
-        k = tl.load(
-            K + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd, mask=n_ok[:, None] & d_ok, other=0.0
-        )
-        v = tl.load(
-            V + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd, mask=n_ok[:, None] & d_ok, other=0.0
-        )
+        if KV_TMA:  # K, V are (B, Skv, H, D) descriptors in position order: bulk tensor copies, zero-filled
+            k = K.load([b, block * BLOCK_N, h, 0]).reshape(BLOCK_N, D_PAD)
+            v = V.load([b, block * BLOCK_N, h, 0]).reshape(BLOCK_N, D_PAD)
+        else:
+            k_ptrs = K + rows[:, None] * stride_ks + offs_d[None, :] * stride_kd
+            v_ptrs = V + rows[:, None] * stride_vs + offs_d[None, :] * stride_vd
+            k = tl.load(k_ptrs, mask=n_ok[:, None] & d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=n_ok[:, None] & d_ok, other=0.0)
         qk = _dot(q, tl.trans(k), UPCAST, IEEE) * qk_scale
         keep = n_ok[None, :]
         if PARTIAL:
@@ -190,6 +197,7 @@ def _fwd_kernel(
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     METRIC: tl.constexpr, NUM_LIMITS: tl.constexpr, HAS_RULE: tl.constexpr, HAS_Q_ORDER: tl.constexpr,
     HAS_KV_ORDER: tl.constexpr, HAS_KEY_MASK: tl.constexpr, UPCAST: tl.constexpr, IEEE: tl.constexpr,
+    KV_TMA: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -203,8 +211,9 @@ def _fwd_kernel(
     rows = _rows(Q_ORDER, offs_m, m_ok, HAS_Q_ORDER)
 
     Q += b.to(tl.int64) * stride_qb + h.to(tl.int64) * stride_qh
-    K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
-    V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
+    if not KV_TMA:
+        K += b.to(tl.int64) * stride_kb + h.to(tl.int64) * stride_kh
+        V += b.to(tl.int64) * stride_vb + h.to(tl.int64) * stride_vh
     KEY_OK += b.to(tl.int64) * kv_len  # (B, Skv) int8; unused without a key-padding mask
     q = tl.load(
         Q + rows[:, None] * stride_qs + offs_d[None, :] * stride_qd, mask=m_ok[:, None] & d_ok, other=0.0
@@ -223,15 +232,15 @@ def _fwd_kernel(
         acc, l_i, m_i = _fwd_blocks(
             acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
             PART_INDEX + row.to(tl.int64) * part_width, part_count, kv_len, qk_scale,
-            q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d,
-            HEAD_DIM, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
+            q_allow, q_spatial, q_t, q_y, q_x, K_COORDS, K_SEG, LIMITS, offs_d, b, h,
+            HEAD_DIM, D_PAD, BLOCK_N, True, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE, KV_TMA,
         )  # fmt: skip
     full_count = tl.load(FULL_COUNT + row)
     acc, l_i, m_i = _fwd_blocks(
         acc, l_i, m_i, q, K, V, stride_ks, stride_kd, stride_vs, stride_vd, KV_ORDER, KEY_OK,
         FULL_INDEX + row.to(tl.int64) * full_width, full_count, kv_len, qk_scale,
-        offs_m, offs_m, offs_m, offs_m, offs_m, K_COORDS, K_SEG, LIMITS, offs_d,
-        HEAD_DIM, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE,
+        offs_m, offs_m, offs_m, offs_m, offs_m, K_COORDS, K_SEG, LIMITS, offs_d, b, h,
+        HEAD_DIM, D_PAD, BLOCK_N, False, METRIC, NUM_LIMITS, HAS_KV_ORDER, HAS_KEY_MASK, UPCAST, IEEE, KV_TMA,
     )  # fmt: skip
 
     # A row that may attend nothing has l = 0 and acc = 0: its output is zero, its LSE -inf.
@@ -544,6 +553,40 @@ def _make_pattern_arguments(pattern, transposed: bool, device) -> list:
     ]
 
 
+def _tma_readable(x: torch.Tensor) -> bool:
+    """Whether x (B, S, H, D) can be read by bulk tensor copies: unit last stride, 16-byte aligned base
+    and strides (TMA's requirements)."""
+    size = x.element_size()
+    return x.stride(-1) == 1 and x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+
+
+def _use_tma(q: torch.Tensor) -> bool:
+    """K / V through TMA descriptors: on Hopper and newer; ATTNPACK_TMA=0 turns it off, =1 turns it on in
+    Triton's interpreter (which runs descriptors too), so the CPU tests cover both paths."""
+    setting = os.environ.get("ATTNPACK_TMA", "auto")
+    if setting == "0":
+        return False
+    if _interpreting():
+        return setting == "1"
+    return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
+def _kv_operands(pattern, q, k, v, key_ok, block_n: int, d_pad: int):
+    """(K, V, key mask, reads through the kv order, TMA) for the forward kernel. With TMA, keys in the
+    pattern's order are gathered into position order once per call (an O(S) copy), so that every key
+    block is a run of rows that one bulk copy reads; the kernel then needs no per-element pointers."""
+    if not _use_tma(q):
+        return k, v, key_ok, pattern.kv_order is not None, False
+    if pattern.kv_order is not None:
+        k, v = k.index_select(1, pattern.kv_order), v.index_select(1, pattern.kv_order)
+        key_ok = None if key_ok is None else key_ok[:, pattern.kv_order].contiguous()
+    elif not (_tma_readable(k) and _tma_readable(v)):
+        return k, v, key_ok, False, False
+    block = [1, block_n, 1, d_pad]
+    k_desc, v_desc = (TensorDescriptor(x, list(x.shape), list(x.stride()), block) for x in (k, v))
+    return k_desc, v_desc, key_ok, False, True
+
+
 def _meta(pattern, q: torch.Tensor, key_ok: torch.Tensor | None) -> dict:
     head_dim = q.shape[-1]
     rule = pattern.rule
@@ -566,13 +609,15 @@ def _meta(pattern, q: torch.Tensor, key_ok: torch.Tensor | None) -> dict:
 # Launch configurations: (num_warps, num_stages, and for the backward kernels SUB_M, the query rows per
 # step). On a GPU the kernels are autotuned over CONFIGS the first time a shape class runs (keyed on head
 # dim, blocks, rule and dtype); ATTNPACK_AUTOTUNE=0 uses the first config instead. The candidates were
-# picked from static resource reports of sm_80 / sm_90 builds (tools/kernel_resources.py): whole 128-row
-# steps spill registers in the backward pass at head dim 128, so it works in slices.
-CONFIGS = {  # the first of each list is the untuned default: no spills at head dim 128 on sm_90
+# picked from the SASS of sm_80 / sm_90 builds (tools/kernel_resources.py, held by
+# tests/test_kernel_compile.py): on sm_90 the first of each list issues warpgroup MMAs (HGMMA), loads
+# through TMA (forward) or cp.async (backward) over two stages, and does not spill at head dims 64 and 128.
+# dQ needs 64-row slices for HGMMA (32 rows compile to mma.sync); dK/dV spills at 64 at head dim 128.
+CONFIGS = {
     "forward": [
-        dict(num_warps=8, num_stages=1),
         dict(num_warps=8, num_stages=2),
         dict(num_warps=8, num_stages=3),
+        dict(num_warps=8, num_stages=1),
     ],
     "dkdv": [
         dict(SUB_M=32, num_warps=8, num_stages=2),
@@ -581,8 +626,8 @@ CONFIGS = {  # the first of each list is the untuned default: no spills at head 
         dict(SUB_M=16, num_warps=4, num_stages=3),
     ],
     "dq": [
-        dict(SUB_M=32, num_warps=8, num_stages=3),
         dict(SUB_M=64, num_warps=8, num_stages=2),
+        dict(SUB_M=32, num_warps=8, num_stages=3),
         dict(SUB_M=32, num_warps=4, num_stages=2),
     ],
 }
@@ -614,9 +659,11 @@ def _tuned(kernel: str):
         block_m = named_args.get("BLOCK_M", kwargs.get("BLOCK_M"))
         return [c for c in configs if c.kwargs.get("SUB_M", 0) <= block_m]
 
-    return triton.autotune(configs=configs, key=TUNING_KEY, prune_configs_by={"early_config_prune": prune})(
-        jit
-    )
+    return triton.autotune(
+        configs=configs,
+        key=TUNING_KEY + (["KV_TMA"] if kernel == "forward" else []),
+        prune_configs_by={"early_config_prune": prune},
+    )(jit)
 
 
 def _launch(kernel: str, grid, args: tuple, meta: dict, dtype: torch.dtype) -> None:
@@ -638,10 +685,17 @@ def forward(
     o = torch.empty_like(q)
     lse = torch.empty(batch, heads, q_len, dtype=torch.float32, device=q.device)
     meta = _meta(pattern, q, key_ok)
+    k_arg, v_arg, key_ok, through_order, tma = _kv_operands(
+        pattern, q, k, v, key_ok, meta["BLOCK_N"], meta["D_PAD"]
+    )
+    arguments = _pattern_arguments(pattern, False, q.device, key_ok)
+    if not through_order:
+        arguments[1] = _placeholder(q.device)
+    meta |= dict(HAS_KEY_MASK=key_ok is not None, HAS_KV_ORDER=through_order, KV_TMA=tma)
     args = (
-        q, k, v, o, lse,
+        q, k_arg, v_arg, o, lse,
         *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        *_pattern_arguments(pattern, False, q.device, key_ok),
+        *arguments,
         q_len, k.shape[1], heads, heads // pattern.num_groups, pattern.num_q_blocks, scale * LOG2E,
     )  # fmt: skip
     _launch("forward", (pattern.num_q_blocks, batch * heads), args, meta, q.dtype)
