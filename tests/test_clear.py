@@ -283,3 +283,17 @@ def test_sd3_joint_and_dual_attention():
     with attnpack.apply(pipe, "clear", radius=2, down_factor=4):
         local = run_tiny(pipe, "tiny-sd3")
     assert torch.isfinite(local).all() and max_diff(local, stock) > 1e-4
+
+
+def test_pooling_weights_follow_the_model_to_its_device():
+    """apply() on a model already on its GPU: the layer's spatial_weight moves to the call's device on the
+    first call instead of failing with a device mismatch."""
+    from types import SimpleNamespace
+
+    from attnpack.methods.clear import ClearLayer
+
+    layer = ClearLayer(ClearAttention(radius=16, down_factor=4))
+    call = SimpleNamespace(key=torch.empty(1, 4, 2, 8, device="meta"))
+    weights = layer.pooling_weights(call)
+    assert weights.device.type == "meta" and weights.shape == (4, 4)
+    assert layer.spatial_weight.device.type == "meta"

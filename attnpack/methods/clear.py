@@ -164,6 +164,8 @@ class ClearLayer(torch.nn.Module, ClearAttention):
         return self
 
     def pooling_weights(self, call: AttnCall) -> torch.Tensor:
+        if self.spatial_weight.device != call.key.device:  # applied to a model already on its device
+            self.to(call.key.device)
         f = self.down_factor
         return self.spatial_weight.view(f, f)
 
