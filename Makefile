@@ -14,7 +14,7 @@ STAMP := $(VENV)/.attnpack-installed
 # The browser test drives Debian's chromium; Playwright's own browser download does not work here.
 CHROMIUM ?= /usr/bin/chromium
 
-.PHONY: app test lint format install gpu-test clean browser
+.PHONY: app test lint format install gpu-test gpu-check gpu-wheels clean browser
 
 app: $(STAMP)
 	$(BIN)/python -m attnpack.app --host 127.0.0.1 --port 7860
@@ -32,6 +32,19 @@ test: $(STAMP) browser
 
 gpu-test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/pytest -m gpu
+
+# One bounded run for a borrowed CUDA machine (tools/gpu_check.py): install the wheels from .whl/, pytest -m
+# gpu, the headline benchmarks, a summary JSON; under 8 minutes. `make gpu-check DEVICE=cpu` rehearses it
+# at the smoke sizes. That machine has no .venv, so it runs on python3 there; nothing is built first.
+GPU_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+DEVICE ?= cuda
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(GPU_PYTHON) tools/gpu_check.py --device $(DEVICE) $(GPU_CHECK_ARGS)
+
+# The wheels gpu-check installs, fetched into .whl/ (needs the network; the GPU machine has none).
+gpu-wheels:
+	PYTHON=$(PYTHON) sh tools/fetch_gpu_wheels.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
