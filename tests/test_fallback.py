@@ -17,7 +17,7 @@ from attnpack.kernels.block_sparse_attention import (
     dense_bytes,
     resolve_backend,
 )
-from attnpack.kernels.block_sparse_attention.reference import chunked_backward, chunked_forward
+from attnpack.kernels.block_sparse_attention.chunked import chunked_backward, chunked_forward
 
 
 def forward_and_grads(pattern, q, k, v, grad, backend, **options):
@@ -47,9 +47,9 @@ def assert_matches(got, expected, tolerance):
 def test_chunked_matches_the_reference(case, fused, run_queries, monkeypatch):
     """Runs of one query block or of all of them, and small budgets that cut a run's keys into many parts,
     so that merging by LSE and masks of mixed block categories are exercised."""
-    from attnpack.kernels.block_sparse_attention import reference
+    from attnpack.kernels.block_sparse_attention import chunked
 
-    monkeypatch.setattr(reference, "RUN_QUERIES", run_queries)
+    monkeypatch.setattr(chunked, "RUN_QUERIES", run_queries)
     pattern = CASES[case]()
     heads = 4 if case == "head_groups" else 2
     q, k, v = inputs(pattern, heads=heads, head_dim=32, batch=2)

@@ -183,20 +183,20 @@ def recording_attention_calls() -> Iterator[Counter]:
                 bool(extra.get("enable_gqa", False)),
             )
         ] += 1
-        return original(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            **extra,
-        )
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)
 
-    F.scaled_dot_product_attention = recorded
-    try:
+    with _sdpa_replaced_by(recorded):
         yield calls
+
+
+@contextlib.contextmanager
+def _sdpa_replaced_by(replacement) -> Iterator[None]:
+    """Run with `torch.nn.functional.scaled_dot_product_attention` replaced (the way every processor and
+    attnpack's dense path reach SDPA), restored afterwards whatever happens."""
+    original = F.scaled_dot_product_attention
+    F.scaled_dot_product_attention = replacement
+    try:
+        yield
     finally:
         F.scaled_dot_product_attention = original
 
@@ -237,22 +237,10 @@ def _sdpa_on_flash_attn_3(strict: bool) -> Iterator[None]:
             return _flash_attn_3_output(out).transpose(1, 2)
         if strict:
             raise RuntimeError(f"FlashAttention-3 cannot run this call: {refused}")
-        return original(
-            query,
-            key,
-            value,
-            attn_mask=attn_mask,
-            dropout_p=dropout_p,
-            is_causal=is_causal,
-            scale=scale,
-            **extra,
-        )
+        return original(query, key, value, attn_mask, dropout_p, is_causal, scale=scale, **extra)
 
-    F.scaled_dot_product_attention = routed
-    try:
+    with _sdpa_replaced_by(routed):
         yield
-    finally:
-        F.scaled_dot_product_attention = original
 
 
 def dense_backend(name: str, *, strict: bool = False):

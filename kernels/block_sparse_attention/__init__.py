@@ -39,11 +39,10 @@ import os
 import torch
 
 from ..backend import current_backend
+from .chunked import chunked_backward, chunked_forward
 from .reference import (
     block_sparse_attention_backward_reference,
     block_sparse_attention_reference,
-    chunked_backward,
-    chunked_forward,
     head_mask,
 )
 
