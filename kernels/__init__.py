@@ -1,15 +1,15 @@
 """attnpack.kernels: attention ops in diffusers' (B, S, H, D) layout.
 
-Each op lives in its own folder with a plain torch `reference.py` (the spec) and dispatch in its
-`__init__.py`: Triton on CUDA, the reference elsewhere. `set_backend` / ATTNPACK_KERNEL_BACKEND choose
-explicitly; `backends()` reports what this machine can run.
+Each op lives in its own folder with a plain torch `reference.py` (the spec) and registers its backends
+with `dispatch`: Triton on CUDA, the reference elsewhere. A call's `backend=`, else `set_backend` /
+ATTNPACK_KERNEL_BACKEND, else "auto" chooses, the same way for every op; `backends()` reports what this
+machine can run, `registry()` every op's backends.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-from dataclasses import dataclass
 
 import torch
 
@@ -17,14 +17,8 @@ from .backend import ENV_VAR, current_backend, set_backend, use_backend
 from .bipartite_match import best_match
 from .block_sparse_attention import block_sparse_attention, block_sparse_attention_backward
 from .dense import dense_attention
+from .dispatch import Backend, interpreting, registry
 from .temporal_windows import global_local_attention, local_window_attention, windowed_attention
-
-
-@dataclass(frozen=True)
-class Backend:
-    name: str
-    available: bool
-    detail: str
 
 
 def _version(package: str) -> str | None:
@@ -44,9 +38,8 @@ def backends() -> list[Backend]:
     elif cuda:
         found.append(Backend("triton", True, f"triton {triton} on {torch.cuda.get_device_name()}"))
     else:
-        found.append(
-            Backend("triton", False, f"triton {triton} installed; no CUDA GPU (TRITON_INTERPRET=1 tests)")
-        )
+        where = "Triton's interpreter is on" if interpreting() else "TRITON_INTERPRET=1 tests"
+        found.append(Backend("triton", False, f"triton {triton} installed; no CUDA GPU ({where})"))
 
     if cuda:
         enabled = [
@@ -85,6 +78,7 @@ __all__ = [
     "dense_attention",
     "global_local_attention",
     "local_window_attention",
+    "registry",
     "set_backend",
     "use_backend",
     "windowed_attention",

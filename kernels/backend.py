@@ -1,35 +1,10 @@
-"""Which backend the block-sparse ops run on: `set_backend(...)`, else ATTNPACK_KERNEL_BACKEND, else auto."""
+"""Which backend the kernel ops run on: `set_backend(...)`, else ATTNPACK_KERNEL_BACKEND, else auto.
+
+The names live in `dispatch` (the registry every op registers with); this module keeps them importable
+where they always were."""
 
 from __future__ import annotations
 
-import contextlib
-import os
+from .dispatch import ENV_VAR, current_backend, set_backend, use_backend
 
-ENV_VAR = "ATTNPACK_KERNEL_BACKEND"
-_chosen: str | None = None
-
-
-def current_backend() -> str:
-    return _chosen or os.environ.get(ENV_VAR) or "auto"
-
-
-def set_backend(name: str | None) -> str | None:
-    """Choose the block-sparse backend for this process ("auto", "triton", "reference", "flex", "sdpa"),
-    or None to fall back to ATTNPACK_KERNEL_BACKEND / auto. Returns the previous choice."""
-    from .block_sparse_attention import BACKENDS
-
-    global _chosen
-    if name is not None and name.lower() not in BACKENDS:
-        raise ValueError(f"set_backend: name={name!r} is not one of {', '.join(map(repr, BACKENDS))}")
-    previous, _chosen = _chosen, None if name is None else name.lower()
-    return previous
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """`with use_backend("flex"): ...` — the backend inside the block, the previous one after."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
+__all__ = ["ENV_VAR", "current_backend", "set_backend", "use_backend"]

@@ -108,7 +108,7 @@ def test_backward_of_a_key_chunk_off_cuda():
 def test_auto_picks_by_the_size_of_the_dense_mask(caplog, monkeypatch):
     import importlib
 
-    monkeypatch.setattr(importlib.import_module("attnpack.kernels.block_sparse_attention"), "_logged", set())
+    monkeypatch.setattr(importlib.import_module("attnpack.kernels.dispatch"), "_logged", set())
     cpu = torch.device("cpu")
     assert resolve_backend("auto", cpu) == "sdpa"
     assert resolve_backend("auto", cpu, need_lse=True) == "reference"

@@ -7,11 +7,18 @@ Ns x Nd score matrix; elsewhere the torch reference computes it.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import dispatch
 from .reference import best_match_reference
+
+BEST_MATCH_OP = dispatch.register_op(
+    "best_match",
+    dispatch.triton_or("reference", "the reference (the whole Ns x Nd score matrix)"),
+    "triton on CUDA with triton installed; else reference",
+)
+BEST_MATCH_OP.register("triton", **dispatch.triton_backend("destination tiles, no Ns x Nd score matrix"))
+BEST_MATCH_OP.register("reference", "torch: the whole Ns x Nd score matrix")
 
 
 def best_match(
@@ -24,17 +31,11 @@ def best_match(
         )
     if dst.shape[1] == 0:
         raise ValueError("best_match: dst has no rows to match against")
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    backend = backend or ("triton" if src.is_cuda else "reference")
-    if backend == "triton":
-        if not (src.is_cuda or interpreting):
-            raise ValueError("best_match: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)")
+    if BEST_MATCH_OP.resolve(backend, device=src.device) == "triton":
         from .triton_kernel import best_match_triton
 
         return best_match_triton(src, dst)
-    if backend == "reference":
-        return best_match_reference(src, dst)
-    raise ValueError(f"best_match: backend={backend!r} is not one of 'triton', 'reference'")
+    return best_match_reference(src, dst)
 
 
 __all__ = ["best_match", "best_match_reference"]

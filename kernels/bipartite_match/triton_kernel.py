@@ -7,6 +7,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import interpreting
+
 
 @triton.jit
 def _best_match_kernel(
@@ -59,10 +61,9 @@ def best_match_triton(src: torch.Tensor, dst: torch.Tensor) -> tuple[torch.Tenso
     num_dst = dst.shape[1]
     value = torch.empty(batch, num_src, dtype=torch.float32, device=src.device)
     index = torch.empty(batch, num_src, dtype=torch.int64, device=src.device)
-    interpreting = bool(triton.knobs.runtime.interpret)
     grid = (triton.cdiv(num_src, 64), batch)
     _best_match_kernel[grid](
         src, dst, value, index, *src.stride(), *dst.stride(), num_src, num_dst, channels,
-        BLOCK_S=64, BLOCK_D=64, BLOCK_C=64, UPCAST=interpreting and src.dtype == torch.bfloat16,
+        BLOCK_S=64, BLOCK_D=64, BLOCK_C=64, UPCAST=interpreting() and src.dtype == torch.bfloat16,
     )  # fmt: skip
     return value, index

@@ -32,13 +32,10 @@ small, the chunked backward otherwise).
 
 from __future__ import annotations
 
-import importlib.util
-import logging
-import os
-
 import torch
 
-from ..backend import current_backend
+from .. import dispatch
+from ..dispatch import log_once
 from .chunked import chunked_backward, chunked_forward
 from .reference import (
     block_sparse_attention_backward_reference,
@@ -46,23 +43,8 @@ from .reference import (
     head_mask,
 )
 
-logger = logging.getLogger("attnpack")
-
-BACKENDS = ("auto", "triton", "reference", "flex", "sdpa", "chunked")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
-_logged: set[str] = set()
-
-
-def _log_once(message: str) -> None:
-    if message not in _logged:
-        _logged.add(message)
-        logger.info(message)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
 
 # Off CUDA, "auto" builds an S x S mask only below this many bytes (see `dense_bytes`). Measured on a 2-core
 # CPU (bf16 forward, CLEAR r8 + 64 text, 24 heads): dense mask 38 ms, chunked 41 ms at 640 tokens (36 MB);
@@ -82,46 +64,64 @@ def dense_bytes(pattern, q: torch.Tensor, *, need_lse: bool = False, key_padding
     return total + pairs * (batch if key_padding else 1) * heads * (1 + q.element_size())
 
 
-def _triton_runs(device: torch.device) -> bool:
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+def _auto(device: torch.device, need_lse: bool = False, dense: int | None = None) -> tuple[str, str | None]:
+    """Triton on CUDA (where triton is installed); elsewhere SDPA with the dense mask (the reference when the
+    LSE is asked for), or the chunked path when `dense` is over DENSE_MASK_MAX_BYTES."""
+    where = dispatch.triton_runs_fast(device)
+    if where is None:
+        return "triton", None
+    if dense is not None and dense > DENSE_MASK_MAX_BYTES:
+        return "chunked", (
+            f"{where} ({device.type}), running the chunked path over the pattern's block lists (memory "
+            f"bounded; the dense mask would take {dense / 2**30:.1f} GiB)"
+        )
+    fallback = "reference" if need_lse else "sdpa"
+    return fallback, (
+        f"{where} ({device.type}), running {fallback} with the dense mask "
+        "(memory and time grow with the square of the sequence)"
+    )
+
+
+def _no_lse(need_lse: bool = False, **_) -> str | None:
+    return "does not return the LSE; use another backend" if need_lse else None
+
+
+_AUTO_SUMMARY = (
+    "triton on CUDA with triton installed; elsewhere sdpa with the dense mask (reference for the LSE) below "
+    f"DENSE_MASK_MAX_BYTES ({DENSE_MASK_MAX_BYTES >> 20} MB), else chunked"
+)
+FORWARD_OP = dispatch.register_op("block_sparse_attention", _auto, _AUTO_SUMMARY)
+FORWARD_OP.register("triton", **dispatch.triton_backend("attnpack's Triton kernels, forward and backward"))
+FORWARD_OP.register("reference", "float32 math under the dense mask: the spec")
+FORWARD_OP.register("flex", **dispatch.flex_backend("FlexAttention with the same block mask (comparison)"))
+FORWARD_OP.register("sdpa", "SDPA with the dense mask (no LSE)", can_run=_no_lse)
+FORWARD_OP.register("chunked", "the pattern's block lists a chunk of query blocks at a time (memory bounded)")
+
+BACKWARD_OP = dispatch.register_op(
+    "block_sparse_attention_backward",
+    lambda device, dense=None, **_: _auto(device, need_lse=True, dense=dense),
+    "triton on CUDA with triton installed; elsewhere the reference below DENSE_MASK_MAX_BYTES, else chunked",
+)
+BACKWARD_OP.register("triton", **dispatch.triton_backend("attnpack's Triton backward kernels"))
+BACKWARD_OP.register("reference", "float32 math under the dense mask: the spec")
+BACKWARD_OP.register("chunked", "the chunked backward over the pattern's block lists (memory bounded)")
+# No backward of a key chunk for these two: they run the reference or the chunked path by size.
+BACKWARD_OP.register("flex", "runs the reference or chunked (no FlexAttention backward of a key chunk)")
+BACKWARD_OP.register("sdpa", "runs the reference or chunked (no SDPA backward of a key chunk)")
+
+BACKENDS = (dispatch.AUTO, *FORWARD_OP.names)
 
 
 def resolve_backend(
     backend: str | None, device: torch.device, need_lse: bool = False, dense: int | None = None
 ) -> str:
-    """The backend a call runs on: the argument, else `set_backend` / ATTNPACK_KERNEL_BACKEND, else auto.
+    """The backend a block_sparse_attention call runs on: the argument, else `set_backend` /
+    ATTNPACK_KERNEL_BACKEND, else auto.
 
     Auto: Triton on CUDA (where triton is installed); elsewhere SDPA with the dense mask (the reference when
     the LSE is asked for), or the chunked path when `dense` (the bytes the dense mask would take, see
     `dense_bytes`) is over DENSE_MASK_MAX_BYTES."""
-    name = (backend or current_backend()).lower()
-    if name not in BACKENDS:
-        raise ValueError(
-            f"block_sparse_attention: backend={name!r} is not one of {', '.join(map(repr, BACKENDS))}"
-        )
-    if name == "auto":
-        if _triton_runs(device):
-            return "triton"
-        where = "no CUDA device" if device.type != "cuda" else "triton is not installed"
-        if dense is not None and dense > DENSE_MASK_MAX_BYTES:
-            _log_once(
-                f"block_sparse_attention: {where} ({device.type}), running the chunked path over the "
-                "pattern's block lists (memory bounded; the dense mask would take "
-                f"{dense / 2**30:.1f} GiB)"
-            )
-            return "chunked"
-        fallback = "reference" if need_lse else "sdpa"
-        _log_once(
-            f"block_sparse_attention: {where} ({device.type}), running {fallback} with the dense mask "
-            "(memory and time grow with the square of the sequence)"
-        )
-        return fallback
-    if name == "triton" and device.type != "cuda" and not _interpreting():
-        raise ValueError(
-            f"block_sparse_attention: backend='triton' needs CUDA tensors (got {device.type}); "
-            "set TRITON_INTERPRET=1 to run the kernels in Triton's interpreter"
-        )
-    return name
+    return FORWARD_OP.resolve(backend, device=device, need_lse=need_lse, dense=dense)
 
 
 def _check(q, k, v, pattern) -> None:
@@ -189,7 +189,9 @@ class _ChunkedBlockSparseAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse: bool) -> tuple[float, str]:
+def _prepare(
+    q, k, v, pattern, scale, key_padding, backend, need_lse: bool, op=FORWARD_OP
+) -> tuple[float, str]:
     """Check the arguments; the softmax scale and the backend that runs."""
     _check(q, k, v, pattern)
     if key_padding is not None and (
@@ -201,7 +203,7 @@ def _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse: bool) -> t
         )
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dense = dense_bytes(pattern, q, need_lse=need_lse, key_padding=key_padding is not None)
-    return scale, resolve_backend(backend, q.device, need_lse=need_lse, dense=dense)
+    return scale, op.resolve(backend, device=q.device, need_lse=need_lse, dense=dense)
 
 
 def block_sparse_attention(
@@ -234,11 +236,7 @@ def block_sparse_attention(
         from .flex import flex_block_sparse_attention
 
         out, lse = flex_block_sparse_attention(q, k, v, pattern, scale, key_padding=key_padding)
-    else:
-        if return_lse:
-            raise ValueError(
-                "block_sparse_attention: backend='sdpa' does not return the LSE; use another backend"
-            )
+    else:  # sdpa (its check refused the LSE)
         mask = head_mask(pattern.to(q.device), q.shape[2], key_padding)
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
@@ -264,7 +262,7 @@ def block_sparse_attention_backward(
     """dq, dk, dv of q's attention over k, v where `pattern` allows it, when these keys are one part of a
     larger attention whose output is `out` (B, Sq, H, D) and natural-log LSE `lse` (B, Sq, H): the
     softmax weights here are exp(s - lse). With every key in k, this is the plain backward."""
-    scale, name = _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse=True)
+    scale, name = _prepare(q, k, v, pattern, scale, key_padding, backend, need_lse=True, op=BACKWARD_OP)
     if name == "triton":
         from . import triton_kernels
 
@@ -274,7 +272,7 @@ def block_sparse_attention_backward(
     if name in ("flex", "sdpa"):
         dense = dense_bytes(pattern, q, need_lse=True)
         name = "chunked" if dense > DENSE_MASK_MAX_BYTES else "reference"
-        _log_once(f"block_sparse_attention_backward: no backward of a key chunk there, running {name}")
+        log_once(f"block_sparse_attention_backward: no backward of a key chunk there, running {name}")
     if name == "chunked":
         return chunked_backward(grad_out, q, k, v, out, lse, pattern, scale, key_padding)
     return block_sparse_attention_backward_reference(grad_out, q, k, v, out, lse, pattern, scale, key_padding)

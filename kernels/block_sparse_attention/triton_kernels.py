@@ -17,6 +17,8 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from ..dispatch import interpreting
+
 LOG2E = 1.4426950408889634
 
 
@@ -496,10 +498,6 @@ def _dq_kernel(
 # ---- launchers
 
 
-def _interpreting() -> bool:
-    return bool(triton.knobs.runtime.interpret) if hasattr(triton, "knobs") else False
-
-
 @functools.cache
 def _placeholder(device: torch.device) -> torch.Tensor:
     """What an unused pointer argument points at (one per device, not an allocation per launch)."""
@@ -566,7 +564,7 @@ def _use_tma(q: torch.Tensor) -> bool:
     setting = os.environ.get("ATTNPACK_TMA", "auto")
     if setting == "0":
         return False
-    if _interpreting():
+    if interpreting():
         return setting == "1"
     return q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
 
@@ -601,7 +599,7 @@ def _meta(pattern, q: torch.Tensor, key_ok: torch.Tensor | None) -> dict:
         HAS_Q_ORDER=pattern.q_order is not None,
         HAS_KV_ORDER=pattern.kv_order is not None,
         HAS_KEY_MASK=key_ok is not None,
-        UPCAST=_interpreting() and q.dtype == torch.bfloat16,
+        UPCAST=interpreting() and q.dtype == torch.bfloat16,
         IEEE=q.dtype == torch.float32,
     )
 
@@ -636,13 +634,13 @@ TUNING_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "METRIC", "NUM_LIMITS", "HAS_RUL
 
 def _launch_config(kernel: str, meta: dict, dtype: torch.dtype) -> dict:
     """The untuned configuration: the interpreter's, or the first candidate that fits the block."""
-    if _interpreting():
+    if interpreting():
         return {"SUB_M": 16} if kernel != "forward" else {}  # 16 rows: the interpreter tests split blocks too
     return next(c for c in CONFIGS[kernel] if c.get("SUB_M", 0) <= meta["BLOCK_M"]).copy()
 
 
 def _autotune() -> bool:
-    return not _interpreting() and os.environ.get("ATTNPACK_AUTOTUNE", "1") != "0"
+    return not interpreting() and os.environ.get("ATTNPACK_AUTOTUNE", "1") != "0"
 
 
 @functools.cache

@@ -10,9 +10,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import dispatch
 from .reference import dense_attention_reference
 
-BACKENDS = ("sdpa", "reference")
+DENSE_OP = dispatch.register_op("dense_attention", lambda **_: ("sdpa", None), "sdpa, everywhere")
+DENSE_OP.register("sdpa", "PyTorch's scaled_dot_product_attention (Flash / memory-efficient / cuDNN / CPU)")
+DENSE_OP.register("reference", "float32 math: the spec")
+BACKENDS = DENSE_OP.names
 
 
 def dense_attention(
@@ -22,26 +26,25 @@ def dense_attention(
     *,
     attn_mask: torch.Tensor | None = None,
     scale: float | None = None,
-    backend: str = "sdpa",
+    backend: str | None = None,
 ) -> torch.Tensor:
     """Attention of q (B, Sq, H, D) over k, v (B, Sk, H, D); returns (B, Sq, H, D).
 
     `attn_mask` broadcasts to (B, H, Sq, Sk): boolean (True = may attend) or additive. `backend` is
-    "sdpa" (default) or "reference" (float32 math, for checking).
+    "sdpa" or "reference" (float32 math, for checking); None: `set_backend` / ATTNPACK_KERNEL_BACKEND, else
+    "auto", which is "sdpa".
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"dense_attention: q, k, v must be (B, S, H, D); got shapes {tuple(q.shape)}, "
             f"{tuple(k.shape)}, {tuple(v.shape)}"
         )
-    if backend == "sdpa":
+    if DENSE_OP.resolve(backend, device=q.device) == "sdpa":
         out = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask, scale=scale
         )
         return out.transpose(1, 2)
-    if backend == "reference":
-        return dense_attention_reference(q, k, v, attn_mask=attn_mask, scale=scale)
-    raise ValueError(f"dense_attention: backend={backend!r} is not one of {', '.join(map(repr, BACKENDS))}")
+    return dense_attention_reference(q, k, v, attn_mask=attn_mask, scale=scale)
 
 
 __all__ = ["BACKENDS", "dense_attention", "dense_attention_reference"]

@@ -12,11 +12,56 @@ SDPA on its own (FlashAttention on CUDA).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
+from .. import dispatch
 from .reference import global_local_attention_reference, local_window_attention, windowed_attention_reference
+
+MAX_FRAMES = 128  # global_local_attention's Triton kernel: every key frame sits in one tile
+
+
+def _one_token_per_frame(tokens_per_frame: int = 1, **_) -> str | None:
+    return "runs one token per frame; use 'reference'" if tokens_per_frame > 1 else None
+
+
+def _few_frames(frames: int, **_) -> str | None:
+    return (
+        f"runs at most {MAX_FRAMES} frames (got {frames}); use 'reference'" if frames > MAX_FRAMES else None
+    )
+
+
+WINDOWED_OP = dispatch.register_op(
+    "windowed_attention",
+    dispatch.triton_or(
+        "reference",
+        "the reference (window by window through SDPA)",
+        lambda tokens_per_frame, **_: (
+            "the Triton kernel runs one token per frame" if tokens_per_frame > 1 else None
+        ),
+    ),
+    "triton on CUDA with triton installed and one token per frame; else reference",
+)
+WINDOWED_OP.register(
+    "triton",
+    **dispatch.triton_backend("every window in one pass (one token per frame)", _one_token_per_frame),
+)
+WINDOWED_OP.register("reference", "window by window through SDPA, weighted into one buffer")
+
+GLOBAL_LOCAL_OP = dispatch.register_op(
+    "global_local_attention",
+    dispatch.triton_or(
+        "reference",
+        "the reference (both branches through torch)",
+        lambda frames, **_: (
+            f"the Triton kernel holds at most {MAX_FRAMES} frames" if frames > MAX_FRAMES else None
+        ),
+    ),
+    f"triton on CUDA with triton installed and at most {MAX_FRAMES} frames; else reference",
+)
+GLOBAL_LOCAL_OP.register(
+    "triton", **dispatch.triton_backend(f"both branches in one pass (up to {MAX_FRAMES} frames)", _few_frames)
+)
+GLOBAL_LOCAL_OP.register("reference", "the global and the local branch through torch")
 
 
 def windowed_attention(
@@ -53,30 +98,14 @@ def windowed_attention(
         raise ValueError(
             f"windowed_attention: weights must hold {length} values (one per window frame), got {tuple(weights.shape)}"
         )
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    backend = backend or ("triton" if query.is_cuda and tokens_per_frame == 1 else "reference")
+    backend = WINDOWED_OP.resolve(backend, device=query.device, tokens_per_frame=tokens_per_frame)
     if backend == "triton":
-        if tokens_per_frame > 1:
-            raise ValueError("windowed_attention: backend='triton' runs one token per frame; use 'reference'")
-        if not (query.is_cuda or interpreting):
-            raise ValueError(
-                "windowed_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1)"
-            )
         from .triton_kernel import windowed_attention_triton
 
         return windowed_attention_triton(query, key, value, windows, weights, offsets=offsets, scale=scale)
-    if backend == "reference":
-        return windowed_attention_reference(
-            query,
-            key,
-            value,
-            windows,
-            weights,
-            offsets=offsets,
-            scale=scale,
-            tokens_per_frame=tokens_per_frame,
-        )
-    raise ValueError(f"windowed_attention: backend={backend!r} is not one of 'triton', 'reference'")
+    return windowed_attention_reference(
+        query, key, value, windows, weights, offsets=offsets, scale=scale, tokens_per_frame=tokens_per_frame
+    )
 
 
 def global_local_attention(
@@ -104,29 +133,20 @@ def global_local_attention(
         raise ValueError(f"global_local_attention: window={window!r} must be an integer in [1, {frames}]")
     if (global_offsets is None) != (local_offsets is None):
         raise ValueError("global_local_attention: pass both global_offsets and local_offsets, or neither")
-    from .global_local import MAX_FRAMES
-
-    interpreting = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    backend = backend or ("triton" if query.is_cuda and frames <= MAX_FRAMES else "reference")
+    backend = GLOBAL_LOCAL_OP.resolve(backend, device=query.device, frames=frames)
     if backend == "triton":
-        if not (query.is_cuda or interpreting) or frames > MAX_FRAMES:
-            raise ValueError(
-                f"global_local_attention: backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1) and at most "
-                f"{MAX_FRAMES} frames; got {query.device.type}, {frames} frames"
-            )
         from .global_local import global_local_attention_triton
 
         return global_local_attention_triton(
             query, key, value, window, global_offsets=global_offsets, local_offsets=local_offsets, scale=scale
         )
-    if backend == "reference":
-        return global_local_attention_reference(
-            query, key, value, window, global_offsets=global_offsets, local_offsets=local_offsets, scale=scale
-        )
-    raise ValueError(f"global_local_attention: backend={backend!r} is not one of 'triton', 'reference'")
+    return global_local_attention_reference(
+        query, key, value, window, global_offsets=global_offsets, local_offsets=local_offsets, scale=scale
+    )
 
 
 __all__ = [
+    "MAX_FRAMES",
     "global_local_attention",
     "global_local_attention_reference",
     "local_window_attention",

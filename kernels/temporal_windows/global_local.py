@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_FRAMES = 128  # every key frame sits in one tile
+from ..dispatch import interpreting
+from . import MAX_FRAMES  # noqa: F401  (kept importable here; in __init__ the dispatch checks it without triton)
 
 
 @triton.jit
@@ -120,7 +121,6 @@ def global_local_attention_triton(
             )
     else:
         gq = gk = gv = lq = lk = lv = torch.zeros(1, heads, dim, device=query.device)
-    interpreting = bool(triton.knobs.runtime.interpret)
     block_m = 16 if frames <= 16 else 32
     grid = (batch, heads, triton.cdiv(frames, block_m))
     _global_local_kernel[grid](
@@ -129,6 +129,6 @@ def global_local_attention_triton(
         scale, frames, window, dim,
         BLOCK_M=block_m, BLOCK_N=max(16, triton.next_power_of_2(frames)),
         BLOCK_L=max(16, triton.next_power_of_2(window)), BLOCK_D=max(16, triton.next_power_of_2(dim)),
-        HAS_OFFSETS=has_offsets, UPCAST=interpreting or query.dtype == torch.float32,
+        HAS_OFFSETS=has_offsets, UPCAST=interpreting() or query.dtype == torch.float32,
     )  # fmt: skip
     return out_g, out_l

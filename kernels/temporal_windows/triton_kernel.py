@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..dispatch import interpreting
+
 
 @triton.jit
 def _windowed_kernel(
@@ -123,7 +125,6 @@ def windowed_attention_triton(query, key, value, windows, weights, *, offsets=No
         pq = pk = pv = torch.zeros(1, heads, dim, device=device, dtype=query.dtype)
     else:
         pq, pk, pv = (o[:length].to(device, query.dtype).contiguous() for o in offsets)
-    interpreting = bool(triton.knobs.runtime.interpret)
     block_s = max(16, triton.next_power_of_2(max(seg_lengths)))
     grid = (batch, heads, len(seg_starts))
     _windowed_kernel[grid](
@@ -137,6 +138,6 @@ def windowed_attention_triton(query, key, value, windows, weights, *, offsets=No
         scale, length, dim, max_windows,
         BLOCK_S=block_s, BLOCK_L=max(16, triton.next_power_of_2(length)),
         BLOCK_D=max(16, triton.next_power_of_2(dim)), HAS_OFFSETS=offsets is not None,
-        UPCAST=interpreting or query.dtype == torch.float32,
+        UPCAST=interpreting() or query.dtype == torch.float32,
     )  # fmt: skip
     return out
