@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-# Source folders and the namespace each is installed as (pyproject's [tool.setuptools.package-dir]).
+# Source folders and the namespace each is installed as (the card's folders through links in attnpack/).
 SOURCE_PACKAGES = {
     "attnpack": "attnpack",
     "kernels": "attnpack.kernels",

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..training.toy_models import TOY_GEOMETRY, TOY_METHODS
-from ..training.world import PATHS, Sample, Thing, caption, parse_caption, sample
+from ..training.world import PATHS, Sample, Thing, caption, parse_caption, pixels, sample
 from .metrics import flicker, psnr, ssim, trajectory_adherence
 from .shapes import main_object, mean_scores, object_finder, scene_adherence
 
@@ -124,8 +124,6 @@ def measure_adherence(pipe, kind: str, count: int | None = None, *, seed: int = 
 
 def vae_round_trip(pipe, frames: np.ndarray) -> np.ndarray:
     """A picture or video ((F, H, W, 3) uint8) through the pipeline's VAE and back: what its decoder can show."""
-    from ..training.toy import pixels
-
     x = pixels(frames)[None].to(pipe.device, pipe.vae.dtype)
     if x.shape[2] == 1 and type(pipe).__name__ == "FluxPipeline":
         x = x[:, :, 0]

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from .toy_models import BUILDERS, KINDS, TOY_GEOMETRY, fit_defaults
-from .world import caption, sample
+from .world import caption, pixels, sample
 
 logger = logging.getLogger("attnpack")
 
@@ -139,11 +139,6 @@ RECIPES = {
 def world_sample(recipe: ToyRecipe, seed: int, frames: int | None = None):
     geometry = recipe.geometry
     return sample(seed, size=geometry.size, frames=frames or geometry.frames, max_things=recipe.max_things)
-
-
-def pixels(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (F, H, W, 3) -> float (3, F, H, W) in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
 
 
 def vae_phases(recipe: ToyRecipe) -> tuple[int, int, int]:
@@ -534,6 +529,9 @@ def train_toy(
     cache: running again resumes there. `check_prompts`: held-out prompts the adherence is measured on."""
     from accelerate import Accelerator
 
+    # Imported here, not at the top: attnpack.eval imports attnpack.training (the world, the toy models) as it
+    # loads, so a top-level import would make the two packages' __init__s wait on each other. No module loop:
+    # eval.toy imports nothing from this module.
     from ..eval.toy import CHECK_PROMPTS, measure_adherence
 
     if kind not in KINDS:

@@ -10,6 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 SHAPES = ("circle", "square", "triangle", "star")
 COLOURS = {
@@ -198,3 +199,10 @@ def dataset(
 ) -> list[Sample]:
     """`count` samples from consecutive seeds."""
     return [sample(seed + i, size=size, frames=frames, max_things=max_things) for i in range(count)]
+
+
+def pixels(frames: np.ndarray) -> torch.Tensor:
+    """A world picture or video as the toy models' VAEs read it: uint8 (F, H, W, 3) -> float (3, F, H, W) in
+    [-1, 1]. Here, beside the world, so that training (`attnpack.training.toy`) and evaluation
+    (`attnpack.eval.toy`) both import it and neither imports the other for it."""
+    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
