@@ -56,10 +56,11 @@ OUT_FILE_LIMIT = 16 * 2**20  # what the device tool brings back from $OUT: 8 fil
 OUT_FILE_COUNT = 8
 INSTALL_MODES = ("missing", "all", "none")
 
-# pyproject.toml's [tool.setuptools.package-dir]: the folders installed inside the attnpack package. The
-# link tree (link_attnpack) rebuilds that layout on a machine where attnpack is not installed, without
-# putting the checkout itself on sys.path (its `kernels/` would shadow Hugging Face's `kernels` package).
-PACKAGE_DIRS = {"kernels": "kernels", "pipelines": "pipelines", "app": "app", "assets": "assets"}
+# pyproject.toml's [tool.setuptools.package-dir]: folders installed inside the attnpack package that attnpack/
+# does not link itself (kernels/, pipelines/ and app/ are links there). The link tree (link_attnpack) rebuilds
+# that layout on a machine where attnpack is not installed, without putting the checkout itself on sys.path
+# (its `kernels/` would shadow Hugging Face's `kernels` package).
+PACKAGE_DIRS = {"assets": "assets"}
 
 # What the probe imports and reports; torch, diffusers and attnpack (with its kernels) are needed by every
 # later stage, the rest by some.
@@ -228,8 +229,8 @@ class Run:
             HF_HUB_OFFLINE="1",
             MPLBACKEND="Agg",
             PYTHONUNBUFFERED="1",  # a stopped stage's log still has everything it printed
-            # No checkout on sys.path for `python -m` / `-c` in it: its attnpack/ lacks kernels/ (pyproject's
-            # package-dir puts them there on install) and would shadow the linked tree.
+            # No checkout on sys.path for `python -m` / `-c` in it: its attnpack/ lacks assets/ (pyproject's
+            # package-dir puts it there on install) and its top-level kernels/ would shadow Hugging Face's.
             PYTHONSAFEPATH="1",
             TQDM_DISABLE="1",  # progress bars would fill the logs
         )
@@ -448,7 +449,7 @@ def pyproject_version() -> str:
 
 def link_attnpack(site: Path) -> Path:
     """attnpack as installed, made of links into this checkout: site/attnpack holds a link to each entry of
-    attnpack/ and to the package-dir folders (kernels/, pipelines/, app/, assets/), plus a dist-info so
+    attnpack/ (kernels/, pipelines/ and app/ among them) and to the package-dir folders (assets/), plus a dist-info so
     `importlib.metadata.version("attnpack")` answers. Edits to the checkout are live, as with `pip -e`."""
     package = site / "attnpack"
     if package.exists() or package.is_symlink():
