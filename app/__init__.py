@@ -20,6 +20,7 @@ import numpy as np
 
 from ..methods import METHODS
 from ..pipelines import PRESETS, Cancelled, ModelUnavailable, generate, load_preset
+from ..pipelines.generate import RUNNER_PICTURES
 from ..pipelines.presets import TOY_NOTE
 from ..pipelines.tiny import RANDOM_WEIGHTS_NOTE
 from ..training.toy_models import toy_shipped
@@ -28,27 +29,62 @@ from ..training.toy_models import toy_shipped
 VIDEO_SHIPPED = toy_shipped("video")
 VIDEO_DEFAULT = "toy-video" if VIDEO_SHIPPED else "tiny-wan-t2v"
 
-TABS = {
-    "Image": {
-        "kinds": ("image",),
-        "methods": ("clear", "agent", "pooled_agent", "dense"),
-        "default": "toy-image",
-    },
-    "Video": {"kinds": ("video",), "methods": ("radial", "pooled_agent", "dense"), "default": VIDEO_DEFAULT},
-    "Long video": {
-        "kinds": ("video",),
-        "methods": ("freenoise", "freelong"),
-        "default": "toy-video" if VIDEO_SHIPPED else "tiny-animatediff",
-    },
-    "Several subjects": {"kinds": ("image",), "methods": ("isolation",), "default": "toy-image"},
-    "Trajectory": {"kinds": ("video",), "methods": ("trajectory",), "default": VIDEO_DEFAULT},
+# Where a tab opens; a tab not named here opens on the first preset that offers its methods.
+OPENING_PRESETS = {
+    "Image": "toy-image",
+    "Video": VIDEO_DEFAULT,
+    "Long video": "toy-video" if VIDEO_SHIPPED else "tiny-animatediff",
+    "Several subjects": "toy-image",
+    "Trajectory": VIDEO_DEFAULT,
 }
+
+
+def build_tabs() -> dict[str, dict]:
+    """The tabs, from what the methods declare (`needs.tab`): "Image" and "Video" hold every method that runs
+    through the pipeline's own call, by the preset's kind (dense last: it is the baseline); a method with a
+    tab of its own gets it, shared with the methods that name the same tab."""
+    tabs: dict[str, dict] = {
+        "Image": {"kinds": ("image",), "methods": ()},
+        "Video": {"kinds": ("video",), "methods": ()},
+    }
+    for name, cls in sorted(METHODS.items(), key=lambda item: item[0] == "dense"):
+        offered = {p.kind for p in PRESETS.values() if name in p.methods}
+        homes = (
+            [t for t in ("Image", "Video") if offered & set(tabs[t]["kinds"])]
+            if cls.needs.tab is None
+            else [cls.needs.tab]
+        )
+        for tab in homes:
+            spec = tabs.setdefault(tab, {"kinds": (), "methods": ()})
+            spec["methods"] += (name,)
+            if cls.needs.tab is not None:
+                spec["kinds"] = tuple(sorted(set(spec["kinds"]) | offered))
+    for tab, spec in tabs.items():
+        offering = [
+            n for n, p in PRESETS.items() if p.kind in spec["kinds"] and set(spec["methods"]) & set(p.methods)
+        ]
+        spec["default"] = OPENING_PRESETS.get(tab) if OPENING_PRESETS.get(tab) in offering else offering[0]
+    return {tab: spec for tab, spec in tabs.items() if spec["methods"]}
+
+
+TABS = build_tabs()
+# What the subjects and keyframe tables open with.
 SUBJECTS = [
     ["star", "a large red star over a plain grey background", 0.04, 0.2, 0.48, 0.8],
     ["circle", "a large blue circle over a plain grey background", 0.52, 0.2, 0.96, 0.8],
 ]
 _LAST_FRAME = PRESETS[VIDEO_DEFAULT].call.get("num_frames", 9) - 1
 TRAJECTORY = [[0, 0.34, 0.66, 0.02, 0.34], [_LAST_FRAME, 0.34, 0.66, 0.66, 0.98]]  # left to right
+
+
+def tab_inputs(tab: str) -> list:
+    """The inputs the tab's methods take in widgets of their own, each name once."""
+    found = {given.name: given for m in TABS[tab]["methods"] for given in METHODS[m].needs.inputs}
+    return list(found.values())
+
+
+def tab_runs(tab: str, runner: str) -> bool:
+    return any(METHODS[m].needs.runner == runner for m in TABS[tab]["methods"])
 
 
 def presets_for(tab: str) -> list[str]:
@@ -69,8 +105,8 @@ def default_settings(preset: str, method: str) -> str:
     cls = METHODS[method]
     defaults = {}
     for f in dataclasses.fields(cls):
-        if f.name in ("subjects", "trajectory", "points", "fg_prompt", "bg_prompt"):
-            continue  # edited in their own tables
+        if f.name in cls.needs.input_names:
+            continue  # edited in widgets of their own
         value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         defaults[f.name] = value
     return json.dumps({**defaults, **PRESETS[preset].settings(method)}, indent=1, default=str)
@@ -153,7 +189,7 @@ def plan_picture(table, frames: list | None, num_frames: int):
 
     from ..methods.trajectory import trajectory_picture
 
-    keyframes = _table_params("trajectory", table, "", "")["trajectory"]
+    keyframes = _keyframes(table)
     pictures = [Image.fromarray(visible(f)) for f in frames] if frames else None
     count = len(frames) if frames else int(num_frames)
     return np.asarray(trajectory_picture(keyframes, count, size=(192, 128), columns=6, frames=pictures))
@@ -174,40 +210,34 @@ def to_video_file(frames: list) -> str:
 
 
 def pattern_picture(session: Session, preset: str, method: str, settings: dict):
-    """The sparsity pattern the method used at the last run's grid (radial, CLEAR), or None."""
+    """The sparsity pattern the method used at the last run's grid (`preview_pattern`), or None."""
     from ..api import attach
-    from ..patterns import clear_window, radial
     from ..patterns.pictures import block_map_image, mask_image
 
-    def picture(pattern):  # token level where it stays small, blocks beyond
-        return (
-            mask_image(pattern, min_side=384) if pattern.q_len <= 8192 else block_map_image(pattern, side=384)
-        )
-
     grid = attach(session.pipe(preset)).grid if preset in session.pipes else None
-    if grid is None:
+    pattern = None if grid is None else METHODS[method](**settings).preview_pattern(tuple(grid))
+    if pattern is None:
         return None
-    if method == "radial" and len(grid) == 3:
-        keys = ("decay_factor", "sink", "variant", "block_size")
-        return block_map_image(
-            radial(grid[0], grid[1:], **{k: settings[k] for k in keys if k in settings}), side=384
-        )
-    if method == "clear" and len(grid) == 2:
-        return picture(clear_window(grid, settings.get("radius", 16), text_tokens=0))
-    return None
+    # Token level where it stays small and the method has an element rule (CLEAR's disc), blocks beyond.
+    if pattern.has_partial and pattern.q_len <= 8192:
+        return mask_image(pattern, min_side=384)
+    return block_map_image(pattern, side=384)
 
 
 def run_tab(session: Session, tab: str, preset: str, method: str, settings_text: str, prompt: str, seed, steps,
-            compare: bool, frames=None, table=None, fg_prompt="", bg_prompt="", progress=None):  # fmt: skip
-    """One generation for a tab: (output, dense output, status markdown, pattern picture, extra picture)."""
+            compare: bool, frames=None, progress=None, **widgets):  # fmt: skip
+    """One generation for a tab: (output, dense output, status markdown, pattern picture, extra picture).
+    `widgets`: the values of the method's own widgets by input name (`needs.inputs`: a subjects table, keyframe
+    boxes, text); `table` stands for the method's table."""
     try:
         settings = json.loads(settings_text or "{}")
         if not isinstance(settings, dict):
             raise ValueError("settings must be a JSON object of name: value")
     except json.JSONDecodeError as error:
         raise ValueError(f"settings are not valid JSON: {error}") from error
-    METHODS[method](**_complete(method, settings, table, fg_prompt, bg_prompt))  # validate before loading
-    params = {**settings, **_table_params(method, table, fg_prompt, bg_prompt)}
+    params = {**settings, **input_values(method, widgets)}
+    METHODS[method].needs.check(method, params)
+    METHODS[method](**params)  # validate before loading
     overrides = {"num_inference_steps": int(steps)}
     if frames is not None and PRESETS[preset].kind == "video":
         overrides["num_frames"] = int(frames)
@@ -233,30 +263,34 @@ def run_tab(session: Session, tab: str, preset: str, method: str, settings_text:
         status += f"  \n_{preset}: {RANDOM_WEIGHTS_NOTE}_"
     elif PRESETS[preset].is_toy:
         status += f"  \n_{preset}: {TOY_NOTE}_"
-    extra = result.extra.get("sheet") or result.extra.get("plan")
+    extra = next(iter(result.extra.values()), None)
     extra = None if extra is None else visible(np.asarray(extra))
     dense = show(result.dense_frames) if result.dense_frames is not None else None
-    return show(result.frames), dense, status, pattern_picture(session, preset, method, settings), extra
+    return show(result.frames), dense, status, pattern_picture(session, preset, method, params), extra
 
 
-def _complete(method, settings, table, fg_prompt, bg_prompt) -> dict:
-    return {**settings, **_table_params(method, table, fg_prompt, bg_prompt)}
+# What each kind of method input (`needs.inputs`) reads from its widget; an empty widget gives nothing.
+def _subjects(rows) -> list:
+    return [{"name": str(r[0]), "prompt": str(r[1]), "box": [float(v) for v in r[2:6]]} for r in _rows(rows)]
 
 
-def _table_params(method: str, table, fg_prompt: str, bg_prompt: str) -> dict:
-    rows = _rows(table)
-    if method == "isolation":
-        return {
-            "subjects": [
-                {"name": str(r[0]), "prompt": str(r[1]), "box": [float(v) for v in r[2:6]]} for r in rows
-            ]
-        }
-    if method == "trajectory":
-        params = {"trajectory": [[int(r[0]), *(float(v) for v in r[1:5])] for r in rows]}
-        if fg_prompt and bg_prompt:
-            params.update(fg_prompt=fg_prompt, bg_prompt=bg_prompt)
-        return params
-    return {}
+def _keyframes(rows) -> list:
+    return [[int(r[0]), *(float(v) for v in r[1:5])] for r in _rows(rows)]
+
+
+INPUT_READERS = {"subjects": _subjects, "keyframes": _keyframes, "text": lambda text: (text or "").strip()}
+TABLE_KINDS = ("subjects", "keyframes")
+
+
+def input_values(method: str, widgets: dict[str, Any]) -> dict:
+    """The method's settings from its widgets' values (by input name; `table` for its table)."""
+    values = {}
+    for given in METHODS[method].needs.inputs:
+        raw = widgets.get(given.name, widgets.get("table") if given.kind in TABLE_KINDS else None)
+        value = INPUT_READERS[given.kind](raw)
+        if value:
+            values[given.name] = value
+    return values
 
 
 def _rows(table) -> list:
@@ -298,17 +332,19 @@ def _tab(gr, session: Session, tab: str):
             about = gr.Markdown(method_help(method0))
             settings = gr.Code(default_settings(preset0, method0), language="json", label="Settings")
             prompt = gr.Textbox(_examples(tab)[0][0], label="Prompt", elem_id=f"{key}-prompt")
-            table = fg = bg = None
-            if tab == "Several subjects":
-                table = gr.Dataframe(SUBJECTS, headers=["name", "prompt", "x0", "y0", "x1", "y1"],
-                                     datatype=["str", "str", "number", "number", "number", "number"],
-                                     label="Subjects (boxes in [0, 1])", interactive=True)  # fmt: skip
-            if tab == "Trajectory":
-                table = gr.Dataframe(TRAJECTORY, headers=["frame", "y1", "y2", "x1", "x2"],
-                                     datatype=["number"] * 5, label="Keyframe boxes", interactive=True)  # fmt: skip
-                preview = gr.Button("Preview the boxes over the frames", elem_id=f"{key}-preview")
-                fg = gr.Textbox("", label="Foreground prompt (Wan, optional)")
-                bg = gr.Textbox("", label="Background prompt (Wan, optional)")
+            widgets, keyframes, preview = {}, None, None
+            for given in tab_inputs(tab):  # the methods' own inputs (`needs.inputs`), one widget each
+                if given.kind == "subjects":
+                    headers = ["name", "prompt", "x0", "y0", "x1", "y1"]
+                    widgets[given.name] = gr.Dataframe(SUBJECTS, headers=headers, label=given.label,
+                                                       datatype=["str"] * 2 + ["number"] * 4, interactive=True)  # fmt: skip
+                elif given.kind == "keyframes":
+                    headers = ["frame", "y1", "y2", "x1", "x2"]
+                    widgets[given.name] = keyframes = gr.Dataframe(TRAJECTORY, headers=headers, label=given.label,
+                                                                   datatype=["number"] * 5, interactive=True)  # fmt: skip
+                    preview = gr.Button("Preview the boxes over the frames", elem_id=f"{key}-preview")
+                else:
+                    widgets[given.name] = gr.Textbox("", label=given.label)
             with gr.Row():
                 seed = gr.Number(0, label="Seed", precision=0)
                 steps = gr.Number(
@@ -318,7 +354,7 @@ def _tab(gr, session: Session, tab: str):
                 if kind == "video":
                     trained = PRESETS[preset0].call.get("num_frames", 9)
                     # Long videos open at twice the trained length, in whole VAE time chunks (1 + 4k).
-                    count = 2 * (trained - 1) + 1 if tab == "Long video" else trained
+                    count = 2 * (trained - 1) + 1 if tab_runs(tab, "long_video") else trained
                     frames = gr.Number(count, label="Frames", precision=0)
             compare = gr.Checkbox(False, label="Compare with dense", elem_id=f"{key}-compare")
             with gr.Row():
@@ -336,8 +372,10 @@ def _tab(gr, session: Session, tab: str):
                 label="Dense (comparison)", elem_id=f"{key}-dense"
             )
             pattern = gr.Image(label="Sparsity pattern (blocks computed)", elem_id=f"{key}-pattern")
-            extra = gr.Image(label="Reference sheet" if tab == "Several subjects" else "Plan",
-                             visible=tab in ("Several subjects", "Trajectory"), elem_id=f"{key}-extra")  # fmt: skip
+            pictures = [RUNNER_PICTURES[METHODS[m].needs.runner] for m in TABS[tab]["methods"]
+                        if METHODS[m].needs.runner in RUNNER_PICTURES]  # fmt: skip
+            extra = gr.Image(label=" / ".join(dict.fromkeys(pictures)) or "Extra", visible=bool(pictures),
+                             elem_id=f"{key}-extra")  # fmt: skip
 
     def change_preset(name):
         names = methods_for(tab, name)
@@ -351,14 +389,14 @@ def _tab(gr, session: Session, tab: str):
     method.change(lambda p, m: (default_settings(p, m), method_help(m)), [preset, method], [settings, about])
 
     inputs = [preset, method, settings, prompt, seed, steps, compare]
-    optional = [c for c in (frames, table, fg, bg) if c is not None]
+    named_components = ({"frames": frames} if frames is not None else {}) | widgets
+    optional = list(named_components.values())
+
+    def named_values(rest) -> dict:
+        return dict(zip(named_components, rest, strict=True))
 
     def on_generate(*values, progress=gr.Progress()):  # noqa: B008 - Gradio injects progress this way
-        base, rest = values[: len(inputs)], list(values[len(inputs) :])
-        named = {}
-        for name, component in (("frames", frames), ("table", table), ("fg_prompt", fg), ("bg_prompt", bg)):
-            if component is not None:
-                named[name] = rest.pop(0)
+        base, named = values[: len(inputs)], named_values(values[len(inputs) :])
         try:
             return run_tab(session, tab, *base, progress=progress, **named)
         except Exception as error:  # every failure becomes a message in the UI, never a stack trace
@@ -370,27 +408,20 @@ def _tab(gr, session: Session, tab: str):
     stop.click(lambda: session.cancel.set(), None, None, cancels=[event])
 
     def on_export(*values):
-        base, rest = values[: len(inputs)], list(values[len(inputs) :])
+        base, named = values[: len(inputs)], named_values(values[len(inputs) :])
         p, m, s, text, sd, st, cmp = base
-        named = {}
-        for name, component in (("frames", frames), ("table", table), ("fg_prompt", fg), ("bg_prompt", bg)):
-            if component is not None:
-                named[name] = rest.pop(0)
         try:
             params = json.loads(s or "{}")
         except json.JSONDecodeError as error:
             raise gr.Error(f"Invalid settings: settings are not valid JSON: {error}") from None
-        extra_params = _table_params(
-            m, named.get("table"), named.get("fg_prompt", ""), named.get("bg_prompt", "")
-        )
-        flow = workflow_for(tab, p, m, params, text, sd, st, cmp, named.get("frames"), extra_params)
+        flow = workflow_for(tab, p, m, params, text, sd, st, cmp, named.get("frames"), input_values(m, named))
         handle, path = tempfile.mkstemp(suffix=".json", prefix=f"attnpack-{m}-")
         with os.fdopen(handle, "w") as f:
             json.dump(flow, f, indent=2, default=str)
         return path
 
     export.click(on_export, inputs + optional, workflow_file)
-    if tab == "Trajectory":
+    if preview is not None:
 
         def on_preview(rows, count):
             try:
@@ -398,11 +429,12 @@ def _tab(gr, session: Session, tab: str):
             except Exception as error:
                 raise gr.Error(friendly(error)) from None
 
-        preview.click(on_preview, [table, frames], extra)
+        preview.click(on_preview, [keyframes, frames], extra)
 
 
 def _examples(tab: str) -> list[list[str]]:
-    return {
+    """Prompts in the toy world's words; a tab without its own takes those of its kind."""
+    examples = {
         "Image": [
             ["a large red circle and a small blue star over a plain grey background"],
             ["a large yellow triangle over a textured green background"],
@@ -425,7 +457,8 @@ def _examples(tab: str) -> list[list[str]]:
             ["a large red circle over a plain black background"],
             ["a large white square over a textured blue background"],
         ],
-    }[tab]
+    }
+    return examples.get(tab) or examples["Video" if "video" in TABS[tab]["kinds"] else "Image"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,7 @@ from .methods import (
     RadialAttention,
     Subject,
     TrajectoryRoPE,
+    register_method,
 )
 from .parallel import context_parallel_plan
 
@@ -57,5 +58,6 @@ __all__ = [
     "apply",
     "attach",
     "context_parallel_plan",
+    "register_method",
     "remove",
 ]

@@ -11,8 +11,9 @@ from typing import Any
 from . import __version__
 from .environment import device_info, versions
 from .families import FAMILIES
-from .kernels import backends
+from .kernels import backends, registry
 from .methods import METHODS
+from .methods.needs import INPUT_KINDS
 
 CLIP_ID, DINO_ID = "openai/clip-vit-base-patch32", "facebook/dinov2-small"
 
@@ -26,6 +27,7 @@ def system_info() -> dict[str, Any]:
         "versions": all_versions,
         "device": device_info(),
         "backends": [vars(backend) for backend in backends()],
+        "kernel_ops": {op: [vars(backend) for backend in rows] for op, rows in registry().items()},
         "methods": {
             name: {
                 "class": cls.__name__,
@@ -34,6 +36,15 @@ def system_info() -> dict[str, Any]:
                 "roles_by_family": {
                     family: sorted(role.value for role in cls.family_roles.get(family, cls.roles))
                     for family in cls.families
+                },
+                "runner": cls.needs.runner,
+                "inputs": {
+                    given.name: {
+                        "kind": given.kind,
+                        "required": given.required,
+                        "or": list(given.alternatives),
+                    }
+                    for given in cls.needs.inputs
                 },
             }
             for name, cls in METHODS.items()
@@ -63,6 +74,12 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(
             f"  {backend['name']:<15} {'yes' if backend['available'] else 'no ':<4} {backend['detail']}"
         )
+    lines += ["", "kernel ops (backend: runs here?):"]
+    for op, rows in info["kernel_ops"].items():
+        auto, *named = rows
+        listed = ", ".join(f"{row['name']} {'yes' if row['available'] else 'no'}" for row in named)
+        lines.append(f"  {op:<32} {listed}")
+        lines.append(f"  {'':<32} auto: {auto['detail']}")
     lines += ["", "methods:"]
     for name, method in info["methods"].items():
         lines.append(f"  {name:<13} {method['class']:<22} families: {', '.join(method['families'])}")
@@ -72,6 +89,13 @@ def format_info(info: dict[str, Any]) -> str:
         else:
             layers = ", ".join(method["roles"])
         lines.append(f"  {'':<13} {'':<22} layers:   {layers}")
+        if method["runner"] != "apply" or method["inputs"]:
+            inputs = method["inputs"].items()
+            needs = [" or ".join([name, *given["or"]]) for name, given in inputs if given["required"]]
+            takes = [name for name, given in inputs if not given["required"]]
+            runs = [f"runs through {method['runner']}"]
+            runs += [f"needs {', '.join(needs)}"] * bool(needs) + [f"takes {', '.join(takes)}"] * bool(takes)
+            lines.append(f"  {'':<13} {'':<22} {'; '.join(runs)}")
     lines += ["", "families:"]
     for name, family in info["families"].items():
         lines.append(f"  {name:<14} {family['title']}")
@@ -87,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     info = commands.add_parser(
         "info", help="versions, device, kernel backends, methods and the families they support"
     )
+    info.set_defaults(handler=_info)
     info.add_argument("--json", action="store_true", help="print the report as JSON")
 
     bench = commands.add_parser("bench", help="time attnpack at real-model geometries (needs a CUDA GPU)")
@@ -94,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     kernels = bench_commands.add_parser(
         "kernels", help="block-sparse attention against SDPA, FlexAttention, xformers"
     )
+    bench.set_defaults(handler=_bench)
     kernels.add_argument(
         "--geometry", dest="names", nargs="+", metavar="NAME", help="default: every real-model geometry"
     )
@@ -187,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     generate = commands.add_parser(
         "generate", help="an image or video with a preset and a method, config embedded"
     )
+    generate.set_defaults(handler=_generate)
     generate.add_argument("--preset", required=True, help="a preset name (attnpack presets lists them)")
     generate.add_argument("--method", default="dense", help="method name (default dense)")
     generate.add_argument(
@@ -197,6 +224,14 @@ def main(argv: list[str] | None = None) -> int:
         help="a method setting; VALUE is JSON or text",
     )
     generate.add_argument("--prompt", required=True)
+    for given in declared_inputs():  # what methods take apart from their settings (`needs.inputs`)
+        text = given.kind == "text"
+        generate.add_argument(
+            f"--{given.name.replace('_', '-')}",
+            dest=f"input_{given.name}",
+            metavar="TEXT" if text else "JSON",
+            help=f"{given.label}: {INPUT_KINDS[given.kind]}{'' if text else ', as JSON or a .json file'}",
+        )
     generate.add_argument("--out", required=True, help=".png for images, .mp4 for videos (+ .json sidecar)")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--steps", type=int, dest="num_inference_steps")
@@ -208,15 +243,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     generate.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     presets = commands.add_parser("presets", help="the presets: models, settings, methods")
+    presets.set_defaults(handler=_presets)
     presets.add_argument("--json", action="store_true")
     run = commands.add_parser("run", help="run a ComfyUI-style workflow JSON (API or UI format)")
+    run.set_defaults(handler=_run_workflow)
     run.add_argument("workflow", help="workflow JSON file")
     run.add_argument("--out", default=".", help="folder for the files the workflow saves (default: here)")
     schema = commands.add_parser("workflow-schema", help="print the JSON Schema of attnpack's node set")
+    schema.set_defaults(handler=_workflow_schema)
     schema.add_argument("--out", help="write it to this file instead")
     evaluate = commands.add_parser(
         "eval", help="score outputs (a manifest) or a batch run: JSON + HTML report"
     )
+    evaluate.set_defaults(handler=_eval)
     evaluate.add_argument(
         "manifest", nargs="?", help="manifest.json (or its folder) listing outputs to score"
     )
@@ -252,6 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     radial.add_argument(
         "--frame-shape", type=int, nargs=2, required=True, metavar=("H", "W"), help="tokens per frame"
     )
+    pattern.set_defaults(handler=_pattern)
     radial.add_argument("--decay-factor", type=float, default=1.0)
     radial.add_argument("--no-sink", dest="sink", action="store_false", help="no full first key frame")
     radial.add_argument("--text-tokens", type=int, default=0)
@@ -267,6 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     clear.add_argument(
         "--images", required=True, help="folder of teacher images (prompt: name.txt beside name.png)"
     )
+    distill.set_defaults(handler=_distill_clear)
     clear.add_argument("--out", required=True, help="safetensors file to write")
     clear.add_argument("--radius", type=float, default=16)
     clear.add_argument("--down-factor", type=int, default=None)
@@ -281,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument(
         "model", choices=["toy-image", "toy-video"], help="toy-image (FLUX) or toy-video (Wan)"
     )
+    train.set_defaults(handler=_train)
     train.add_argument("--out", help="folder for the trained pipeline (default: ./toy-image or ./toy-video)")
     train.add_argument(
         "--work-dir", help="checkpoints and the latent cache; a second run resumes there "
@@ -298,38 +340,27 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--restart", action="store_true", help="discard the work folder's checkpoints")
     train.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     args = parser.parse_args(argv)
+    if getattr(args, "handler", None) is None:
+        parser.print_help()
+        return 2
+    return args.handler(args)
 
-    if args.command == "train":
-        return _train(args)
-    if args.command == "distill":
-        return _distill_clear(args)
-    if args.command == "pattern":
-        return _pattern(args)
-    if args.command == "info":
-        report = system_info()
-        sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
-        return 0
-    if args.command == "bench":
-        return _bench(args)
-    if args.command == "generate":
-        return _generate(args)
-    if args.command == "presets":
-        return _presets(args)
-    if args.command == "run":
-        return _run_workflow(args)
-    if args.command == "eval":
-        return _eval(args)
-    if args.command == "workflow-schema":
-        from .workflow import schema
 
-        text = json.dumps(schema(), indent=2) + "\n"
-        if args.out:
-            Path(args.out).write_text(text)
-        else:
-            sys.stdout.write(text)
-        return 0
-    parser.print_help()
-    return 2
+def _info(args) -> int:
+    report = system_info()
+    sys.stdout.write(json.dumps(report, indent=2) + "\n" if args.json else format_info(report))
+    return 0
+
+
+def _workflow_schema(args) -> int:
+    from .workflow import schema
+
+    text = json.dumps(schema(), indent=2) + "\n"
+    if args.out:
+        Path(args.out).write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def load_flux(model: str):
@@ -442,6 +473,30 @@ def _pattern(args) -> int:
     return 0
 
 
+def declared_inputs() -> list:
+    """Every method's own inputs (`needs.inputs`), each name once, in method order."""
+    found = {given.name: given for cls in METHODS.values() for given in cls.needs.inputs}
+    return list(found.values())
+
+
+def input_params(args) -> dict:
+    """The declared inputs given on the command line, as method settings (JSON from text or a .json file)."""
+    params = {}
+    for given in declared_inputs():
+        value = getattr(args, f"input_{given.name}", None)
+        if value is None:
+            continue
+        if given.kind != "text":
+            flag = f"--{given.name.replace('_', '-')}"
+            try:
+                text = Path(value).read_text() if value.endswith(".json") else value
+                value = json.loads(text)
+            except (OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{flag} {value!r}: not JSON or a readable .json file ({error})") from error
+        params[given.name] = value
+    return params
+
+
 def parse_params(pairs: list[str]) -> dict:
     """["k=v", ...] -> {k: v}, v read as JSON where it parses (numbers, booleans, lists), else as text."""
     params = {}
@@ -461,7 +516,7 @@ def _generate(args) -> int:
 
     out = args.out
     try:
-        params = parse_params(args.param)
+        params = {**parse_params(args.param), **input_params(args)}
         if Path(out).exists() and not args.overwrite:
             raise FileExistsError(f"{out} exists; pass --overwrite to replace it, or choose another --out")
         overrides = {k: getattr(args, k) for k in ("num_inference_steps", "height", "width", "num_frames")}

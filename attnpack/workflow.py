@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,26 +79,45 @@ GENERATION_INPUTS = {
     "height": Input("INT", False, None),
     "width": Input("INT", False, None),
 }
-NODES: dict[str, Node] = {
-    n.class_type: n
-    for n in (
-        Node("attnpack.LoadPipeline", {"preset": Input("STRING")}, ("PIPELINE",), "a preset (attnpack presets)"),
-        *(
-            Node(_node_name(name), _method_inputs(cls), ("PIPELINE",), f"apply {cls.__name__}")
-            for name, cls in METHODS.items()
-        ),
-        Node("attnpack.GenerateImage", GENERATION_INPUTS, ("RESULT",), "an image"),
-        Node("attnpack.GenerateVideo", {**GENERATION_INPUTS, "frames": Input("INT", False, None)}, ("RESULT",), "a video"),
-        Node("attnpack.CompareWithDense", {**GENERATION_INPUTS, "frames": Input("INT", False, None)}, ("RESULT",),
-             "the methods' result beside the dense one, both timed"),
-        Node("attnpack.SaveImage", {"result": Input("RESULT"), "filename": Input("STRING"),
-                                    "overwrite": Input("BOOLEAN", False, False)}, (), "PNG with the config"),
-        Node("attnpack.SaveVideo", {"result": Input("RESULT"), "filename": Input("STRING"),
-                                    "overwrite": Input("BOOLEAN", False, False)}, (), "MP4 + JSON sidecar"),
-        Node("attnpack.Evaluate", {"result": Input("RESULT")}, ("REPORT",),
-             "fidelity to the dense result (PSNR) when compared, temporal flicker for videos"),
-    )
-}  # fmt: skip
+FIXED_NODES = (
+    Node("attnpack.LoadPipeline", {"preset": Input("STRING")}, ("PIPELINE",), "a preset (attnpack presets)"),
+    Node("attnpack.GenerateImage", GENERATION_INPUTS, ("RESULT",), "an image"),
+    Node("attnpack.GenerateVideo", {**GENERATION_INPUTS, "frames": Input("INT", False, None)}, ("RESULT",), "a video"),
+    Node("attnpack.CompareWithDense", {**GENERATION_INPUTS, "frames": Input("INT", False, None)}, ("RESULT",),
+         "the methods' result beside the dense one, both timed"),
+    Node("attnpack.SaveImage", {"result": Input("RESULT"), "filename": Input("STRING"),
+                                "overwrite": Input("BOOLEAN", False, False)}, (), "PNG with the config"),
+    Node("attnpack.SaveVideo", {"result": Input("RESULT"), "filename": Input("STRING"),
+                                "overwrite": Input("BOOLEAN", False, False)}, (), "MP4 + JSON sidecar"),
+    Node("attnpack.Evaluate", {"result": Input("RESULT")}, ("REPORT",),
+         "fidelity to the dense result (PSNR) when compared, temporal flicker for videos"),
+)  # fmt: skip
+
+
+class NodeSet(Mapping):
+    """The node set by class_type: the fixed nodes and an `attnpack.Apply<Method>` node per method in
+    METHODS, read when asked, so that a method registered later (`register_method`) has its node."""
+
+    def _table(self) -> dict[str, Node]:
+        key = tuple(METHODS.items())
+        if getattr(self, "_key", None) != key:
+            methods = [Node(_node_name(name), _method_inputs(cls), ("PIPELINE",), f"apply {cls.__name__}")
+                       for name, cls in METHODS.items()]  # fmt: skip
+            nodes = [FIXED_NODES[0], *methods, *FIXED_NODES[1:]]
+            self._key, self._nodes = key, {n.class_type: n for n in nodes}
+        return self._nodes
+
+    def __getitem__(self, class_type: str) -> Node:
+        return self._table()[class_type]
+
+    def __iter__(self):
+        return iter(self._table())
+
+    def __len__(self) -> int:
+        return len(self._table())
+
+
+NODES = NodeSet()
 
 
 # ---- formats
@@ -281,8 +301,10 @@ def run(source, *, output_dir: str | Path = ".", pipelines: dict | None = None) 
             results[node_id] = (PipelineRef(ref.preset, ref.pipe, [*ref.methods, (method, params)]),)
         elif kind in ("GenerateImage", "GenerateVideo", "CompareWithDense"):
             ref = values["pipeline"]
-            special = [m for m in ref.methods if m[0] in ("isolation", "trajectory", "freenoise", "freelong")]
-            main = special[-1] if special else (ref.methods[-1] if ref.methods else ("dense", {}))
+            # The generation runs through the last method with a pipeline of its own (long videos, several
+            # subjects, trajectories); the other methods are applied around it.
+            own = [m for m in ref.methods if METHODS[m[0]].needs.runner != "apply"]
+            main = own[-1] if own else (ref.methods[-1] if ref.methods else ("dense", {}))
             handles = [
                 apply(ref.pipe, name, **params) for name, params in ref.methods if (name, params) != main
             ]

@@ -15,10 +15,8 @@ import numpy as np
 import torch
 
 from ..api import apply
-from ..methods import make_method
+from ..methods import METHODS, make_method
 from .presets import get_preset, load_preset
-
-NEEDS = {"isolation": "subjects", "trajectory": "trajectory or points"}
 
 
 @dataclass
@@ -66,6 +64,8 @@ def generate(
         raise ValueError("prompt must be a non-empty string")
     call = {**info.call, **{k: v for k, v in overrides.items() if v is not None}}
     settings = {**info.settings(method), **params}
+    METHODS[method].needs.check(method, settings)
+    make_method(method, **settings)  # a bad setting fails here, before any weights load
     pipe = pipe if pipe is not None else load_preset(preset)
     run = lambda name, values: _run(pipe, info, name, values, prompt, seed, call, progress, cancelled)  # noqa: E731
     frames, seconds, extra = run(method, settings)
@@ -79,46 +79,64 @@ def generate(
 
 
 def _run(pipe, info, method, settings, prompt, seed, call, progress, cancelled):
-    from . import long_video, multi_subject, trajectory_video
-
     generator = torch.Generator().manual_seed(seed)
     steps = call.get("num_inference_steps", 50)
     kwargs = {**call, "generator": generator, **_callbacks(progress, cancelled, steps)}
-    settings = dict(settings)
-    extra: dict[str, Any] = {}
+    runner = RUNNERS[METHODS[method].needs.runner]
     start = time.perf_counter()
-    if method == "isolation":
-        subjects = settings.pop("subjects", None)
-        if not subjects:
-            raise ValueError("method 'isolation' needs subjects: a list of {name, prompt, box}")
-        out = multi_subject(pipe, subjects, prompt, method=settings, **_without(kwargs, "num_frames"))
-        frames, extra["sheet"] = [np.asarray(out.image)], out.sheet
-    elif method == "trajectory":
-        if not settings.get("trajectory") and not settings.get("points"):
-            raise ValueError(
-                "method 'trajectory' needs trajectory ([[frame, y1, y2, x1, x2], ...]) or points"
-            )
-        out = trajectory_video(pipe, prompt=prompt, output_type="np", **settings, **kwargs)
-        frames = _frames(out.frames)
-        from PIL import Image
-
-        from ..methods.trajectory import trajectory_picture
-
-        over = [Image.fromarray(f) for f in frames]
-        extra["plan"] = trajectory_picture(
-            out.method.keyframes, len(frames), frames=over
-        )  # boxes over the video
-    elif method in ("freenoise", "freelong") and info.kind == "video":
-        out = long_video(pipe, prompt, method=make_method(method, **settings), output_type="np", **kwargs)
-        frames = _frames(out.frames)
-    else:
-        with apply(pipe, make_method(method, **settings)):
-            output_type = "np" if info.kind == "video" else "pil"
-            out = pipe(prompt=prompt, output_type=output_type, **kwargs)
-        frames = _frames(out.frames) if info.kind == "video" else [np.asarray(out.images[0])]
+    frames, extra = runner(pipe, info, method, dict(settings), prompt, kwargs)
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     return frames, time.perf_counter() - start, extra
+
+
+# How a generation runs a method, by the runner its class declares (`needs.runner`): each takes the loaded
+# pipeline, the preset, the method's name and settings, the prompt and the call's keyword arguments, and
+# returns the frames and any pictures beside them (the reference sheet, the trajectory plan).
+
+
+def _run_applied(pipe, info, method, settings, prompt, kwargs):
+    with apply(pipe, make_method(method, **settings)):
+        output_type = "np" if info.kind == "video" else "pil"
+        out = pipe(prompt=prompt, output_type=output_type, **kwargs)
+    return (_frames(out.frames) if info.kind == "video" else [np.asarray(out.images[0])]), {}
+
+
+def _run_long_video(pipe, info, method, settings, prompt, kwargs):
+    from . import long_video
+
+    out = long_video(pipe, prompt, method=make_method(method, **settings), output_type="np", **kwargs)
+    return _frames(out.frames), {}
+
+
+def _run_multi_subject(pipe, info, method, settings, prompt, kwargs):
+    from . import multi_subject
+
+    subjects = settings.pop("subjects")
+    out = multi_subject(pipe, subjects, prompt, method=settings, **_without(kwargs, "num_frames"))
+    return [np.asarray(out.image)], {"sheet": out.sheet}
+
+
+def _run_trajectory(pipe, info, method, settings, prompt, kwargs):
+    from PIL import Image
+
+    from ..methods.trajectory import trajectory_picture
+    from . import trajectory_video
+
+    out = trajectory_video(pipe, prompt=prompt, output_type="np", **settings, **kwargs)
+    frames = _frames(out.frames)
+    over = [Image.fromarray(f) for f in frames]  # the boxes drawn over the video
+    return frames, {"plan": trajectory_picture(out.method.keyframes, len(frames), frames=over)}
+
+
+# What the pictures runners return beside the frames show.
+RUNNER_PICTURES = {"multi_subject": "Reference sheet", "trajectory": "Plan"}
+RUNNERS: dict[str, Callable] = {
+    "apply": _run_applied,
+    "long_video": _run_long_video,
+    "multi_subject": _run_multi_subject,
+    "trajectory": _run_trajectory,
+}
 
 
 def _callbacks(progress, cancelled, steps: int) -> dict[str, Any]:

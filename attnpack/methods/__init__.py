@@ -31,6 +31,23 @@ METHODS: dict[str, type[AttentionMethod]] = {
 }
 
 
+def register_method(cls: type[AttentionMethod]) -> type[AttentionMethod]:
+    """Offer a method class everywhere by its `name`: `attnpack.apply(pipe, name)`, generations, the CLI,
+    workflows (`attnpack.Apply<Name>` nodes) and the app (built after it) read what it declares (`needs`).
+    Returns the class, so it also works as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, AttentionMethod) and dataclasses.is_dataclass(cls)):
+        raise TypeError(
+            f"register_method: {cls!r} must be an AttentionMethod subclass declared as a dataclass"
+        )
+    name = cls.name
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"register_method: {cls.__name__}.name={name!r} must be a lower-case identifier")
+    if METHODS.get(name, cls) is not cls:
+        raise ValueError(f"register_method: the name {name!r} is taken by {METHODS[name].__name__}")
+    METHODS[name] = cls
+    return cls
+
+
 def make_method(method: str | AttentionMethod, **config: Any) -> AttentionMethod:
     """A method object from a name and settings (`"dense"`, backend="reference"), or the object itself."""
     if isinstance(method, AttentionMethod):
@@ -76,4 +93,5 @@ __all__ = [
     "check_choice",
     "check_number",
     "make_method",
+    "register_method",
 ]

@@ -16,6 +16,7 @@ from ..families.base import AttnCall
 from ..kernels import block_sparse_attention, dense_attention
 from ..layout import Role
 from ..patterns.block_sparse import BlockSparsePattern
+from .needs import Needs
 
 ATTACH_HINT = "call attnpack.attach(pipe) before pipe.transformer / pipe.unet .set_attn_processor(...)"
 
@@ -44,6 +45,7 @@ class AttentionMethod:
     roles: ClassVar[frozenset[Role]] = frozenset()  # layer roles it acts on
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {}  # where a family's roles differ from `roles`
     needs_context: ClassVar[bool] = False  # needs attnpack.attach (grids, steps, text spans)
+    needs: ClassVar[Needs] = Needs()  # how generations run it, what users give in widgets of their own
     # Under diffusers' context parallelism: "ulysses" (heads split, every token per rank) and / or "ring"
     # (sequence split; needs `sparse_attention`), and for what is missing, why.
     context_parallel: ClassVar[frozenset[str]] = frozenset()
@@ -156,6 +158,11 @@ class AttentionMethod:
     def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention of the call's queries to one extra context (Wan I2V's image tokens): dense by default."""
         return dense_attention(call.query, key, value, scale=call.scale)
+
+    def preview_pattern(self, grid: tuple[int, ...]) -> BlockSparsePattern | None:
+        """The pattern the method would use at a latent token grid ((h, w) or (f, h, w)), for pictures; None
+        where it has none there."""
+        return None
 
     def config(self) -> dict[str, Any]:
         """The method's settings, for metadata and reports: {"method": name, **fields}."""

@@ -102,6 +102,11 @@ class ClearAttention(AttentionMethod):
             return None
         return self._pool(call)
 
+    def preview_pattern(self, grid):
+        if len(grid) != 2:
+            return None
+        return clear_window(grid, self.radius, text_tokens=0, down_factor=self.down_factor)
+
     def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None:

@@ -37,6 +37,7 @@ from ..kernels import block_sparse_attention, dense_attention, global_local_atte
 from ..layout import Role
 from ..patterns.frame_band import frame_band
 from .base import AttentionMethod, check_choice, check_number
+from .needs import Needs
 from .temporal import defer_positions, position_offsets, table_length
 
 logger = logging.getLogger("attnpack")
@@ -170,6 +171,7 @@ class FreeLongAttention(AttentionMethod):
     band_windows: tuple[int, ...] = ()
 
     name: ClassVar[str] = "freelong"
+    needs: ClassVar[Needs] = Needs(runner="long_video", tab="Long video")
     families: ClassVar[tuple[str, ...]] = ("unet", "wan")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.TEMPORAL, Role.SELF})
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {

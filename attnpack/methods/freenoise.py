@@ -32,6 +32,7 @@ from ..families.base import AttnCall
 from ..kernels import windowed_attention
 from ..layout import Role
 from .base import AttentionMethod, check_choice, check_number, dense
+from .needs import Needs
 from .temporal import defer_positions, frame_windows, position_offsets, table_length
 
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
@@ -119,6 +120,7 @@ class FreeNoiseAttention(AttentionMethod):
     fusion: str = "attention"
 
     name: ClassVar[str] = "freenoise"
+    needs: ClassVar[Needs] = Needs(runner="long_video", tab="Long video")
     families: ClassVar[tuple[str, ...]] = ("unet", "wan")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.TEMPORAL, Role.SELF})
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {

@@ -46,6 +46,7 @@ from ..patterns.subjects import (
     segment_pattern,
 )
 from .base import AttentionMethod, check_choice, check_number, dense
+from .needs import Input, Needs
 
 logger = logging.getLogger("attnpack")
 
@@ -141,6 +142,10 @@ class IsolationAttention(AttentionMethod):
     seed: int = 0
 
     name: ClassVar[str] = "isolation"
+    needs: ClassVar[Needs] = Needs(
+        runner="multi_subject", tab="Several subjects",
+        inputs=(Input("subjects", "subjects", "Subjects (boxes in [0, 1])", required=True),),
+    )  # fmt: skip
     families: ClassVar[tuple[str, ...]] = ("unet", "flux")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF, Role.CROSS, Role.JOINT})
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {

@@ -90,6 +90,12 @@ class RadialAttention(AttentionMethod):
     def attend(self, call: AttnCall) -> torch.Tensor:
         return run_sparse(call, self.sparse_attention(call))
 
+    def preview_pattern(self, grid):
+        if len(grid) != 3:
+            return None
+        return radial(grid[0], grid[1:], decay_factor=self.decay_factor, sink=self.sink, variant=self.variant,
+                      block_size=self.block_size)  # fmt: skip
+
     def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None or len(layout.grid) != 3:

@@ -34,6 +34,7 @@ from ..layout import Role
 from ..patterns.block_sparse import ElementRule
 from ..patterns.subjects import segment_pattern
 from .base import AttentionMethod, SparseAttention, check_number, dense_attention_of, run_sparse
+from .needs import Input, Needs
 
 BACKGROUND, FOREGROUND, R_TOKEN, TEXT, FOREGROUND_TEXT = 0, 1, 2, 3, 4
 
@@ -155,6 +156,14 @@ class TrajectoryRoPE(AttentionMethod):
     frames_per_latent: int = 4
 
     name: ClassVar[str] = "trajectory"
+    needs: ClassVar[Needs] = Needs(
+        runner="trajectory", tab="Trajectory",
+        inputs=(
+            Input("trajectory", "keyframes", "Keyframe boxes", required=True, alternatives=("points",)),
+            Input("fg_prompt", "text", "Foreground prompt (Wan, optional)"),
+            Input("bg_prompt", "text", "Background prompt (Wan, optional)"),
+        ),
+    )  # fmt: skip
     families: ClassVar[tuple[str, ...]] = ("wan", "cogvideox", "hunyuan_video")
     roles: ClassVar[frozenset[Role]] = frozenset({Role.SELF, Role.CROSS, Role.JOINT})
     family_roles: ClassVar[dict[str, frozenset[Role]]] = {
