@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ..methods.radial import PRESETS as RADIAL_PAPER  # the paper's settings per model
 from ..training.toy_models import TOY_GEOMETRY, TOY_METHODS
 from .tiny import RANDOM_WEIGHTS_NOTE, TINY_PIPELINES, build_tiny_pipeline, tiny_call_kwargs
 
@@ -55,7 +56,7 @@ class Preset:
 
 
 WAN_METHODS = {
-    "radial": {"decay_factor": 0.2, "dense_layers": 1, "dense_steps": 12, "sink": True},
+    "radial": dict(RADIAL_PAPER["wan2.1"]),
     "freenoise": {"context_length": 21, "context_stride": 5},
     "freelong": {"local_window": 21},
     "trajectory": {"rope_steps": 5, "mask_steps": 30},
@@ -75,11 +76,11 @@ PRESETS: dict[str, Preset] = {
                {"height": 720, "width": 1280, "num_frames": 81, "num_inference_steps": 40, "guidance_scale": 4.0,
                 "guidance_scale_2": 3.0},
                offload="two 14B experts: model CPU offload below 80 GB",
-               methods={**WAN_METHODS, "radial": {"decay_factor": 0.8, "dense_layers": 1, "dense_steps": 11, "sink": True}}),
+               methods={**WAN_METHODS, "radial": dict(RADIAL_PAPER["wan2.2"])}),
         Preset("hunyuanvideo", "hunyuan_video", "video", "hunyuanvideo-community/HunyuanVideo", "HunyuanVideo 13B",
                {"height": 720, "width": 1280, "num_frames": 129, "num_inference_steps": 50, "guidance_scale": 6.0},
                offload="model CPU offload and VAE tiling below 80 GB",
-               methods={"radial": {"decay_factor": 0.95, "dense_steps": 12, "sink": False}, "trajectory": {}, "dense": {}}),
+               methods={"radial": dict(RADIAL_PAPER["hunyuanvideo"]), "trajectory": {}, "dense": {}}),
         Preset("cogvideox-5b", "cogvideox", "video", "THUDM/CogVideoX-5b", "CogVideoX 5B",
                {"height": 480, "width": 720, "num_frames": 49, "num_inference_steps": 50, "guidance_scale": 6.0},
                offload="model CPU offload and VAE tiling below 24 GB",

@@ -17,7 +17,10 @@ SIZES = {
     "tiny-hunyuanvideo": dict(height=32, width=64),
     "tiny-cogvideox": dict(height=64, width=128),
 }
-EVERYTHING = dict(decay_factor=100.0, block_size=16)  # windows wider than the frames: every block kept
+# Windows wider than the frames: every block kept. The spatial variant skips far frame pairs by its block
+# size; the official one by the public code's 128 tokens whatever the block, so at 16-token blocks it skips
+# distance 2 of these 32-token frames (tested in test_radial_pattern.py).
+EVERYTHING = dict(decay_factor=100.0, block_size=16, variant="spatial")
 SPARSE = dict(decay_factor=0.05, block_size=16)
 
 

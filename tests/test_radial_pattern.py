@@ -12,6 +12,22 @@ from attnpack.patterns.block_sparse import block_counts
 from attnpack.patterns.radial import frame_budget
 
 
+def public_window(distance, per_frame, decay, block):
+    """The public code's band half-width for a frame pair (`get_window_width`, Wan): full up to distance 1,
+    then 2^bits(tokens) / 2^bits(distance) x decay, at least a block."""
+    if distance <= 1:
+        return per_frame
+    return max(2 ** per_frame.bit_length() / 2 ** distance.bit_length() * decay, block)
+
+
+def public_kept(distance, per_frame):
+    """The public code's skip rule (`get_diagonal_split_mask`): its threshold is 128 whatever the block.
+    It runs at every distance there, so frames under 128 tokens would lose their neighbours too; attnpack
+    keeps distances 0 and 1 whole (what the window rule gives them), which real geometries never reach."""
+    length = 2 ** per_frame.bit_length() / 2 ** distance.bit_length()
+    return distance <= 1 or length >= 128 or distance % int(128 / length) == 0
+
+
 def brute_force_official(frames, shape, decay, sink, text, text_first, block):
     """The public code's reduction, the slow way: every frame pair's token mask, cut into blocks."""
     per_frame = shape[0] * shape[1]
@@ -23,11 +39,13 @@ def brute_force_official(frames, shape, decay, sink, text, text_first, block):
     span = -(-per_frame // block)
     for i in range(frames):
         for j in range(frames):
-            width = math.inf if sink and j == 0 else frame_budget(per_frame, abs(i - j), decay, block)
-            if width is None:
-                continue
-            reach = per_frame if math.isinf(width) else math.floor(width)
-            local = (index[None, :] - index[:, None]).abs() <= reach
+            if sink and j == 0:
+                local = torch.ones(per_frame, per_frame, dtype=torch.bool)
+            else:
+                width = public_window(abs(i - j), per_frame, decay, block)
+                local = ((index[None, :] - index[:, None]).abs() <= width) & public_kept(
+                    abs(i - j), per_frame
+                )
             row, col = video_start + i * per_frame, video_start + j * per_frame
             padded = torch.zeros(row % block + span * block, col % block + span * block, dtype=torch.bool)
             padded[row % block : row % block + per_frame, col % block : col % block + per_frame] = local
@@ -52,6 +70,19 @@ def test_published_density():
     assert pattern.block_density == pytest.approx(0.287, abs=0.0005)
 
 
+def test_wan22_blocks_as_its_public_processor():
+    """Wan 2.2 at 768 x 1280, 77 frames (20 latent frames of 48 x 80), decay 0.8: its processor's 64-token
+    blocks keep 34.91% of the blocks, 128-token ones 35.25%; the preset runs 64."""
+    from attnpack import RadialAttention
+
+    settings = RadialAttention.preset("wan2.2")
+    assert settings.block_size == 64
+    for block, density in ((64, 0.3491), (128, 0.3525)):
+        pattern = radial(20, (48, 80), decay_factor=settings.decay_factor, sink=True, block_size=block,
+                         blocks=(block, block))  # fmt: skip
+        assert pattern.block_density == pytest.approx(density, abs=5e-5)
+
+
 @pytest.mark.parametrize(
     ("frames", "shape", "decay", "sink", "text", "text_first", "block"),
     [
@@ -59,6 +90,7 @@ def test_published_density():
         (7, (13, 17), 1.0, False, 70, False, 64),  # text last, like HunyuanVideo
         (9, (8, 16), 0.3, True, 33, True, 32),  # text first, like CogVideoX
         (12, (5, 9), 2.0, False, 0, False, 16),  # far pairs skipped by the split rule
+        (8, (16, 16), 0.5, True, 0, False, 64),  # Wan 2.2's 64-token blocks: the skip rule still says 128
     ],
 )
 def test_official_matches_the_token_level_reduction(frames, shape, decay, sink, text, text_first, block):

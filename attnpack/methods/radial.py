@@ -29,10 +29,11 @@ from .base import (
 
 logger = logging.getLogger("attnpack")
 
-# The paper's settings per model (their inference scripts): dense layers, dense steps, decay, sink.
+# The paper's settings per model (their inference scripts): dense layers, dense steps, decay, sink; Wan 2.2's
+# processor (Wan22SparseAttnProcessor) runs 64-token blocks.
 PRESETS = {
     "wan2.1": dict(dense_layers=1, dense_steps=12, decay_factor=0.2, sink=True),
-    "wan2.2": dict(dense_layers=1, dense_steps=11, decay_factor=0.8, sink=True),
+    "wan2.2": dict(dense_layers=1, dense_steps=11, decay_factor=0.8, sink=True, block_size=64),
     "hunyuanvideo": dict(dense_layers=0, dense_steps=12, decay_factor=0.95, sink=False),
 }
 

@@ -32,14 +32,27 @@ from .tiling import block_tile, concat_orders, grid_coordinates, identity_order,
 VARIANTS = ("official", "spatial")
 
 
-def frame_budget(tokens_per_frame: int, distance: int, decay_factor: float, block_size: int) -> float | None:
+# The public code's skip rule (`get_diagonal_split_mask`) compares the window with 128 whatever block size its
+# processor runs (Wan 2.2's runs 64); its window floor follows the block size.
+PUBLIC_SKIP_THRESHOLD = 128
+
+
+def frame_budget(
+    tokens_per_frame: int,
+    distance: int,
+    decay_factor: float,
+    block_size: int,
+    skip_threshold: int | None = None,
+) -> float | None:
     """The band half-width (in tokens) two frames `distance` apart get, inf for full attention, or None
-    when the pair is skipped."""
+    when the pair is skipped: once the undecayed window is below `skip_threshold` (default `block_size`),
+    only every (threshold / window)-th distance is kept."""
     if distance <= 1:
         return math.inf
     halvings = distance.bit_length()
     base = 2 ** tokens_per_frame.bit_length() / 2**halvings
-    if base < block_size and distance % int(block_size / base) != 0:
+    threshold = block_size if skip_threshold is None else skip_threshold
+    if base < threshold and distance % int(threshold / base) != 0:
         return None
     return max(base * decay_factor, block_size)
 
@@ -112,7 +125,9 @@ def _official(num_frames, frame_shape, decay_factor, sink, text_tokens, text_fir
             width = (
                 math.inf
                 if sink and j == 0
-                else frame_budget(tokens_per_frame, abs(i - j), decay_factor, block_size)
+                else frame_budget(
+                    tokens_per_frame, abs(i - j), decay_factor, block_size, PUBLIC_SKIP_THRESHOLD
+                )
             )
             if width is None:
                 continue
