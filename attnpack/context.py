@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import inspect
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
@@ -24,6 +25,8 @@ from .layout import Role
 
 if TYPE_CHECKING:
     from .families.base import Adapter, Family
+
+State = TypeVar("State")
 
 
 class AttnContext:
@@ -38,6 +41,9 @@ class AttnContext:
             for videos. UNet layers at lower resolutions derive their own grid from it.
         text_len: text tokens of the last denoiser call.
         text_mask: (B, text_len) bool, the real text tokens, for families that pad the text (HunyuanVideo).
+        text_parts: lengths of the prompts the last denoiser call's text joins, where a pipeline feeds
+            several at once (`trajectory_video`: (background, foreground)); None for one prompt. Reset at
+            every denoiser call, before the pipeline's own hooks run.
         batch_size: batch of the last denoiser call.
         denoiser: attribute name of the denoiser that ran last ("transformer", "transformer_2", "unet").
         site: the attention layer being computed right now (set by attnpack processors).
@@ -50,12 +56,15 @@ class AttnContext:
         self.grid: tuple[int, ...] | None = None
         self.text_len: int | None = None
         self.text_mask: torch.Tensor | None = None
+        self.text_parts: tuple[int, ...] | None = None
         self.batch_size: int | None = None
         self.denoiser: str | None = None
         self.site: AttentionSite | None = None
         self.sites: list[AttentionSite] = []
         self.memo: dict[str, Any] = {}  # small caches of families and methods, e.g. a grid read off ids
         self._manual_steps = False
+        # Run state of the methods on this pipeline, by method object (see `state_for`).
+        self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @property
     def layer_index(self) -> int | None:
@@ -79,6 +88,15 @@ class AttnContext:
         if not isinstance(step_index, int) or not 0 <= step_index < num_steps:
             raise ValueError(f"set_step: step_index={step_index!r} must be an integer in [0, {num_steps})")
         self.step_index, self.num_steps, self._manual_steps = step_index, num_steps, True
+
+    def state_for(self, owner: Any, make: Callable[[], State]) -> State:
+        """The run state `owner` (a method object) keeps for this pipeline, made by `make()` the first time.
+        A method's settings stay on the method; what a run finds (per-step draws, masks) lives here, so one
+        method object applied to two pipelines keeps two states."""
+        state = self._states.get(owner)
+        if state is None:
+            state = self._states[owner] = make()
+        return state
 
     def count_of(self, role: Role) -> int:
         """How many attached attention layers have this role (e.g. 70 self-attention layers in SDXL)."""
@@ -153,6 +171,7 @@ class DenoiserHook:
         inputs = forward_arguments(module, args, kwargs)
         ctx.denoiser = self.denoiser_name
         ctx.timestep = inputs.get("timestep")
+        ctx.text_parts = None  # a pipeline hook that joins prompts sets it after this hook
         self.family.read_inputs(module, inputs, ctx)
         self.family.check_parallel(module, ctx)
         if self.steps is not None and not ctx._manual_steps:

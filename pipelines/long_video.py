@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from ..api import STATE_ATTR, apply, attach, remove
+from ..families import family_of
 from ..methods.base import AttentionMethod
 from ..methods.freenoise import NOISE, FreeNoiseAttention, reschedule_noise
 
@@ -91,9 +92,9 @@ def long_video(
     cross-attention of the encoder and the mid-block reads the last keyframe's prompt on every frame,
     while the decoder keeps the per-frame prompts; the unconditional pass is left alone. The paper's
     two-prompt layout for F frames is {0: first, 3F/8: first, 5F/8 - 1: second}."""
+    transformer = getattr(pipe, "transformer", None)
     is_wan = (
-        getattr(pipe, "transformer", None) is not None
-        and type(pipe.transformer).__name__ == "WanTransformer3DModel"
+        isinstance(transformer, torch.nn.Module) and getattr(family_of(transformer), "name", None) == "wan"
     )
     if not is_wan and getattr(pipe, "motion_adapter", None) is None:
         raise ValueError(f"long_video runs AnimateDiff and Wan pipelines; got {type(pipe).__name__}")

@@ -11,14 +11,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..api import STATE_ATTR, apply, remove
-from ..methods.isolation import IsolationAttention, Subject
+from ..api import STATE_ATTR, apply, attach, remove
+from ..families import family_of
+from ..methods.isolation import IsolationAttention, IsolationRun, Subject
 
 
 @dataclass
@@ -26,7 +27,8 @@ class MultiSubjectOutput:
     image: Any  # the scene (PIL)
     references: list  # one PIL image per subject
     sheet: Any  # references and scene side by side, boxes drawn (PIL)
-    method: IsolationAttention  # with the subjects and the masks it used
+    method: IsolationAttention  # with the subjects it used
+    masks: dict = field(default_factory=dict)  # masks found from attention maps: "target i" / "reference i"
 
 
 def load_subjects(path: str | Path) -> list[Subject]:
@@ -84,12 +86,12 @@ def multi_subject(
     for taken in ("latents", "prompt_embeds", "num_images_per_prompt", "output_type"):
         if taken in kwargs:
             raise ValueError(f"multi_subject makes {taken} itself")
-    is_flux = (
-        getattr(pipe, "transformer", None) is not None
-        and type(pipe.transformer).__name__ == "FluxTransformer2DModel"
-    )
-    if not is_flux and getattr(pipe, "unet", None) is None:
+    denoiser = getattr(pipe, "transformer", None)
+    denoiser = getattr(pipe, "unet", None) if denoiser is None else denoiser
+    family = family_of(denoiser) if isinstance(denoiser, torch.nn.Module) else None
+    if family is None or family.name not in IsolationAttention.families:
         raise ValueError(f"multi_subject runs SDXL-family and FLUX pipelines; got {type(pipe).__name__}")
+    is_flux = family.name == "flux"
     if not is_flux:
         kwargs.setdefault("guidance_scale", 7.0)  # the public code's setting on Playground v2.5 / SDXL
     height = height or pipe.default_sample_size * pipe.vae_scale_factor
@@ -117,19 +119,21 @@ def multi_subject(
         **kwargs,
     )
     if segmenter is not None:
-        rehearsal = _run(pipe, None, noise, given, call)
+        rehearsal, _ = _run(pipe, None, noise, given, call)
         for i, s in enumerate(subjects):
             if s.reference_mask is None and s.reference_box is None:
                 s.reference_mask = _as_mask(segmenter(references[i] or rehearsal[i], s.name), s.name)
             if s.mask is None and s.box is None:
                 s.mask = _as_mask(segmenter(rehearsal[-1], s.name), s.name)
     isolation = IsolationAttention(subjects=subjects, **(method or {}))
-    images = _run(pipe, isolation, noise, given, call)
+    images, masks = _run(pipe, isolation, noise, given, call)
     refs = [references[i] or images[i] for i in range(len(subjects))]
-    return MultiSubjectOutput(images[-1], refs, reference_sheet(refs, images[-1], subjects), isolation)
+    sheet = reference_sheet(refs, images[-1], subjects)
+    return MultiSubjectOutput(images[-1], refs, sheet, isolation, masks)
 
 
-def _run(pipe, method, noise, given, call) -> list:
+def _run(pipe, method, noise, given, call) -> tuple[list, dict]:
+    """The images of one call, and the masks the method found from attention maps."""
     was_attached = getattr(pipe, STATE_ATTR, None) is not None
     latents = noise.clone()
     callback = _noised_references(pipe, given, noise) if given else None
@@ -142,9 +146,10 @@ def _run(pipe, method, noise, given, call) -> list:
     )
     try:
         if method is None:
-            return list(pipe(latents=latents, output_type="pil", **call, **extra).images)
+            return list(pipe(latents=latents, output_type="pil", **call, **extra).images), {}
         with apply(pipe, method):
-            return list(pipe(latents=latents, output_type="pil", **call, **extra).images)
+            images = list(pipe(latents=latents, output_type="pil", **call, **extra).images)
+        return images, dict(attach(pipe).state_for(method, IsolationRun).found)
     finally:
         if not was_attached:
             remove(pipe)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from ..api import STATE_ATTR, apply, attach, remove
+from ..families import family_of
 from ..methods.trajectory import TrajectoryRoPE, trajectory_picture
 
 SPLIT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
@@ -90,12 +91,9 @@ def trajectory_video(
     model id for `split_prompt`, or a callable prompt -> (fg, bg)). Other keyword arguments go to the
     pipeline (num_frames, height, width, num_inference_steps, guidance_scale, generator, ...).
     `frames_per_latent`: video frames per latent frame (None: from the pipeline's VAE and patch size)."""
-    family = type(getattr(pipe, "transformer", None)).__name__
-    if family not in (
-        "WanTransformer3DModel",
-        "CogVideoXTransformer3DModel",
-        "HunyuanVideoTransformer3DModel",
-    ):
+    transformer = getattr(pipe, "transformer", None)
+    family = family_of(transformer) if isinstance(transformer, torch.nn.Module) else None
+    if family is None or family.name not in TrajectoryRoPE.families:
         raise ValueError(
             f"trajectory_video runs Wan, CogVideoX and HunyuanVideo pipelines; got {type(pipe).__name__}"
         )
@@ -111,7 +109,7 @@ def trajectory_video(
         if fg_prompt is None:
             raise ValueError("give prompt, or fg_prompt and bg_prompt")
         prompt = f"{fg_prompt}, {bg_prompt}"
-    is_wan = family == "WanTransformer3DModel"
+    is_wan = family.name == "wan"
     if fg_prompt is not None and not is_wan:
         raise ValueError(
             "foreground / background prompts run on Wan; CogVideoX and HunyuanVideo take one prompt"
@@ -151,8 +149,8 @@ def _separated_text(pipe, method: TrajectoryRoPE, prompt: str, fg: str, bg: str,
     )[0]
     base, background, foreground = encode(prompt), encode(bg), encode(fg)
     separated = torch.cat([background, foreground], dim=1)
-    method.background_text_len = background.shape[1]
-    ctx = attach(pipe)
+    parts = (background.shape[1], foreground.shape[1])
+    ctx = attach(pipe)  # its denoiser hooks run before `swap` and reset ctx.text_parts at every call
 
     def swap(module, args, inputs):
         text = inputs.get("encoder_hidden_states")
@@ -162,6 +160,7 @@ def _separated_text(pipe, method: TrajectoryRoPE, prompt: str, fg: str, bg: str,
             or not torch.equal(text, base.to(text.dtype))
         ):
             return None
+        ctx.text_parts = parts
         return args, inputs | {"encoder_hidden_states": separated.to(text.dtype)}
 
     hooks = [

@@ -181,7 +181,7 @@ def test_masks_from_attention_maps(monkeypatch):
         pipe, subjects, "a fox and a cat", generator=torch.Generator().manual_seed(0),
         method={"start_layer": 0}, **(tiny_call_kwargs("tiny-sdxl") | {"num_inference_steps": 3}),
     )  # fmt: skip
-    found = out.method._found
+    found = out.masks
     assert {"target 0", "target 1", "reference 0", "reference 1"} <= set(found)
     assert all(mask.any() and not mask.all() for mask in found.values())
     assert calls, "the masks were never used"

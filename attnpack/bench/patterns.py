@@ -337,7 +337,10 @@ def _prepare_trajectory(row: Row, device: torch.device):
     if p["role"] == "self":
         call = _call(query, query, TokenLayout(Role.SELF, tokens, tokens, grid=grid), ctx)
     else:
-        method.background_text_len = p["text"]  # what pipelines.trajectory_video sets
+        ctx.text_parts = (
+            p["text"],
+            p["text"],
+        )  # what pipelines.trajectory_video sets: [background; foreground]
         key = torch.zeros(1, 2 * p["text"], 1, 1, device=device)
         call = _call(query, key, TokenLayout(Role.CROSS, tokens, 2 * p["text"], grid=grid), ctx)
 
@@ -358,7 +361,7 @@ def _prepare_isolation(row: Row, device: torch.device):
     """The target's self-attention pattern at one SDXL level, made as IsolationAttention.attend makes it
     on every call: masks from the boxes, references repositioned onto the target's boxes, this step's
     dropout, the segments of the row, then the method's pattern (cached by segment layout)."""
-    from ..methods.isolation import IsolationAttention
+    from ..methods.isolation import IsolationAttention, IsolationRun
     from ..patterns.subjects import reposition
 
     p = row.params
@@ -368,11 +371,12 @@ def _prepare_isolation(row: Row, device: torch.device):
         for i, box in enumerate(SUBJECT_BOXES[: p["subjects"]])
     ]
     method = IsolationAttention(subjects=subjects)
+    run = IsolationRun()  # what the method keeps in the pipeline's context
 
     def build():
         targets, sources = method.masks(grid)
         moved = [reposition(torch.zeros(*grid, 1), s, t)[1] for s, t in zip(sources, targets, strict=True)]
-        query_segments, key_segments = method.row_segments(targets, moved, method._step, grid, 0)
+        query_segments, key_segments = method.row_segments(targets, moved, run.step, grid, 0)
         return method.pattern(query_segments, torch.cat(key_segments), True, device)
 
     return build, {

@@ -1,7 +1,10 @@
 """Model families: one file per diffusers attention family, each an adapter to and from canonical q, k, v.
 
 Methods do not know families and families do not know methods: a method states which families and
-roles it acts on, and `attnpack.apply` puts it where both match.
+roles it acts on, and `attnpack.apply` puts it where both match. What a method needs of a model beyond q, k
+and v it asks the family for, as a service: `Family.rotary(model)` (re-index or rescale the rotary
+embedding), `Family.temporal_blocks(model)` (frame positions, per-window blocks), `Family.deep_layers_start`,
+`Adapter.leading_text_len`.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import cogvideox, flux, hunyuan_video, sd3, unet, wan
-from .base import Adapter, AttnCall, Family
+from .base import Adapter, AttnCall, Family, Rotary, TemporalBlocks
 
 FAMILIES: dict[str, Family] = {
     family.name: family
@@ -39,6 +42,8 @@ __all__ = [
     "Adapter",
     "AttnCall",
     "Family",
+    "Rotary",
+    "TemporalBlocks",
     "family_of",
     "supported_denoisers",
 ]

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -95,6 +95,11 @@ class Adapter(ABC):
         """A fresh stock processor, for a module that already had an attnpack method when it was attached."""
         return self.stock_processors[0]()
 
+    def leading_text_len(self, site: AttentionSite, encoder_hidden_states: torch.Tensor | None) -> int:
+        """Text tokens at the start of the module's `hidden_states` (before projection): 0 where the text
+        comes separately or not at all."""
+        return 0
+
 
 class Family(ABC):
     """A family of diffusers denoisers that share attention modules and input conventions."""
@@ -139,11 +144,159 @@ class Family(ABC):
         """Raise where this denoiser runs under context parallelism in a way that would give a wrong result."""
         return None  # most families: diffusers' plan and attnpack's processors are all there is
 
+    # Where the deeper half of the model's attention layers starts, as a `role_index` among its self / joint
+    # attention layers (SDXL: 36 of 70; FLUX: its single-stream blocks, from 19): methods that act on the
+    # later, more semantic layers by default start there. None: the family does not say.
+    deep_layers_start: int | None = None
+
+    def rotary(self, model: torch.nn.Module) -> Rotary | None:
+        """The denoiser's rotary position embedding, for methods that change it; None without one."""
+        return None
+
+    def temporal_blocks(self, model: torch.nn.Module) -> TemporalBlocks | None:
+        """The denoiser's temporal (frame) transformer blocks, for methods that run them per window of
+        frames; None where it has none."""
+        return None
+
     def attention_modules(self, model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Module]]:
         """Every module that holds an attention processor, in forward order."""
         found = [(name, module) for name, module in model.named_modules() if hasattr(module, "set_processor")]
         # sorted() is stable: modules the family does not order keep their registration order.
         return iter(sorted(found, key=lambda item: self.forward_order(item[0])))
+
+
+Undo = Callable[[], None]
+
+
+class Rotary:
+    """A denoiser's rotary position embedding, as methods may change it while they are applied. Every
+    change returns the callable that undoes it. A family offers what its embedding allows; the rest raises."""
+
+    def __init__(self, family: Family, model: torch.nn.Module):
+        self.family, self.model = family, model
+
+    def reindex(self, source_index: Callable[[], torch.Tensor | None]) -> Undo:
+        """Re-index the tables' video-token rows at every forward: token t takes the position of token
+        `source_index()[t]` (a (S,) index over the video tokens); `source_index()` None leaves them alone."""
+        raise ValueError(f"{self.family.title}: its rotary tables cannot be re-indexed by video token")
+
+    def scale_theta(self, factor: float) -> Undo:
+        """Multiply the embedding's base (theta) by `factor` (NTK-aware RoPE)."""
+        raise ValueError(f"{self.family.title}: its rotary embedding has no base (theta) to scale")
+
+
+class RotaryModule(Rotary):
+    """A rotary module whose forward returns the tables of the video tokens (Wan's and HunyuanVideo's `rope`):
+    re-indexed through a forward hook on it."""
+
+    def __init__(self, family: Family, model: torch.nn.Module, module: torch.nn.Module):
+        super().__init__(family, model)
+        self.module = module
+
+    def reindex(self, source_index: Callable[[], torch.Tensor | None]) -> Undo:
+        from .. import parallel  # parallel imports this module
+
+        model = self.model
+
+        def hook(module, args, output):
+            source = source_index()
+            if source is None:
+                return None
+            config = parallel.context_parallel_config(model)
+            if getattr(config, "context_parallel_config", None) is None:
+                return reindex_tables(output, source)
+            # diffusers' plan has cut the tables to this rank's rows; re-indexing reads any row, so
+            # compute the whole tables again (the class's forward, outside the plan's hooks).
+            return reindex_tables(type(module).forward(module, *args), source, config)
+
+        return self.module.register_forward_hook(hook).remove
+
+
+class RotaryArgument(Rotary):
+    """Rotary tables the pipeline passes to the denoiser's forward (CogVideoX's `image_rotary_emb`):
+    re-indexed through a forward pre-hook on the denoiser."""
+
+    def __init__(self, family: Family, model: torch.nn.Module, argument: str):
+        super().__init__(family, model)
+        self.argument = argument
+
+    def reindex(self, source_index: Callable[[], torch.Tensor | None]) -> Undo:
+        def hook(module, args, kwargs):
+            tables = kwargs.get(self.argument)
+            source = None if tables is None else source_index()
+            if source is None:
+                return None
+            return args, kwargs | {self.argument: reindex_tables(tables, source)}
+
+        return self.model.register_forward_pre_hook(hook, with_kwargs=True).remove
+
+
+class RotaryTheta(Rotary):
+    """A rotary module that computes its tables from `theta` at every forward (FLUX's `pos_embed`): its base
+    can be scaled; its tables hold text rows too, so they are not re-indexed by video token."""
+
+    def __init__(self, family: Family, model: torch.nn.Module, module: torch.nn.Module):
+        super().__init__(family, model)
+        self.module = module
+
+    def scale_theta(self, factor: float) -> Undo:
+        module, theta = self.module, self.module.theta
+        module.theta = theta * factor
+
+        def restore():
+            module.theta = theta
+
+        return restore
+
+
+def reindex_tables(tables: Any, source: torch.Tensor, config=None) -> Any:
+    """Rotary tables (a tensor or a tuple such as (cos, sin)) with their video-token rows gathered by
+    `source` (S,), along the axis of S tokens; under context parallelism (`config`) this rank's rows."""
+    from .. import parallel
+
+    tokens = source.numel()
+
+    def gather(table: torch.Tensor) -> torch.Tensor:
+        axis = next((d for d, n in enumerate(table.shape) if n == tokens), None)
+        if axis is None:
+            raise ValueError(
+                f"a rotary table of shape {tuple(table.shape)} has no axis of the {tokens} video tokens to "
+                "re-index"
+            )
+        table = table.index_select(axis, source.to(table.device))
+        return table if config is None else parallel.local_shard(table, axis, config)
+
+    return tuple(gather(t) for t in tables) if isinstance(tables, tuple | list) else gather(tables)
+
+
+# On a temporal attention module whose block's frame positions were deferred (`TemporalBlocks.defer_positions`):
+# the (1, max_frames, C) table the processor adds itself.
+POSITIONS_ATTR = "_attnpack_positions"
+
+
+class TemporalBlocks:
+    """A denoiser's temporal transformer blocks (AnimateDiff's motion modules), as the temporal-window
+    methods use them. Every change returns its undo."""
+
+    def __init__(self, family: Family, model: torch.nn.Module):
+        self.family, self.model = family, model
+
+    def defer_positions(self, modules: list[torch.nn.Module]) -> Undo:
+        """Stop the blocks of these temporal attention modules adding frame positions and put each block's
+        position table on its modules (`POSITIONS_ATTR`), for the processor to add."""
+        raise ValueError(f"{self.family.title}: its temporal blocks have no frame positions to defer")
+
+    def fuse_windows(
+        self,
+        modules: list[torch.nn.Module],
+        windows: Callable[[int, int | None], list[tuple[int, int]]],
+        weights: Callable[[int], torch.Tensor],
+    ) -> Undo:
+        """Run the blocks of these temporal attention modules per window of frames, fusing the windows
+        before the feed-forward: `windows(frames, trained_frames)` gives the (start, end) windows
+        (`trained_frames`: the block's position table length, or None), `weights(length)` each frame's
+        weight in a window."""
+        raise ValueError(f"{self.family.title}: its temporal blocks cannot be run per window of frames")
 
 
 def context_grid(ctx: AttnContext | None, visual_len: int) -> tuple[int, ...] | None:

@@ -11,7 +11,15 @@ from diffusers.models.attention_processor import Attention, CogVideoXAttnProcess
 from diffusers.models.embeddings import apply_rotary_emb
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, context_grid, project_heads, record_inputs
+from .base import (
+    Adapter,
+    AttnCall,
+    Family,
+    RotaryArgument,
+    context_grid,
+    project_heads,
+    record_inputs,
+)
 
 
 class CogVideoXAdapter(Adapter):
@@ -71,6 +79,10 @@ class CogVideoXFamily(Family):
     name = "cogvideox"
     title = "CogVideoX 1.0 / 1.5 (CogVideoXTransformer3DModel)"
     denoiser_classes = ("CogVideoXTransformer3DModel",)
+
+    def rotary(self, model: torch.nn.Module) -> RotaryArgument:
+        # The pipeline computes the tables (5B models; None for 2B) and passes them to the forward.
+        return RotaryArgument(self, model, "image_rotary_emb")
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is Attention and ADAPTER.reproduces(processor):

@@ -16,7 +16,16 @@ from diffusers.models.embeddings import apply_rotary_emb
 from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
 from ..layout import Role, TokenLayout
-from .base import Adapter, AttnCall, Family, ParallelLayout, context_grid, record_inputs, sdpa_mask
+from .base import (
+    Adapter,
+    AttnCall,
+    Family,
+    ParallelLayout,
+    RotaryTheta,
+    context_grid,
+    record_inputs,
+    sdpa_mask,
+)
 
 
 class FluxAdapter(Adapter):
@@ -65,6 +74,12 @@ class FluxAdapter(Adapter):
             state={"encoder_hidden_states": encoder_hidden_states},
         )
 
+    def leading_text_len(self, site, encoder_hidden_states) -> int:
+        # Single-stream blocks get [text, image] as one sequence; double-stream blocks the text apart.
+        if encoder_hidden_states is not None or site is None or site.context is None:
+            return 0
+        return site.context.text_len or 0
+
     @staticmethod
     def layout(ctx, seq_len: int, text_len: int | None) -> TokenLayout:
         grid = context_grid(ctx, seq_len - text_len) if text_len is not None else None
@@ -94,6 +109,11 @@ class FluxFamily(Family):
     title = "FLUX.1 (FluxTransformer2DModel)"
     denoiser_classes = ("FluxTransformer2DModel",)
     context_parallel = True  # diffusers' plan splits the text and the image: a rank holds [text_r, image_r]
+    deep_layers_start = 19  # the single-stream blocks, after FLUX.1's 19 double-stream blocks
+
+    def rotary(self, model: torch.nn.Module) -> RotaryTheta | None:
+        embed = getattr(model, "pos_embed", None)
+        return RotaryTheta(self, model, embed) if embed is not None and hasattr(embed, "theta") else None
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is FluxAttention and ADAPTER.reproduces(processor):

@@ -26,6 +26,7 @@ from .base import (
     AttnCall,
     Family,
     ParallelLayout,
+    RotaryModule,
     context_grid,
     project_context_heads,
     project_heads,
@@ -121,6 +122,9 @@ class HunyuanVideoFamily(Family):
     title = "HunyuanVideo (HunyuanVideoTransformer3DModel)"
     denoiser_classes = ("HunyuanVideoTransformer3DModel",)
     context_parallel = True  # with attnpack's plan (context_parallel_plan) and attnpack's processors
+
+    def rotary(self, model: torch.nn.Module) -> RotaryModule:
+        return RotaryModule(self, model, model.rope)  # (cos, sin), one row per video token
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is not Attention:

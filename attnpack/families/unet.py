@@ -7,13 +7,22 @@ temporal self-attention, which folds the pixels into the batch and attends along
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ..layout import Role, TokenLayout, downsampled_grid
-from .base import Adapter, AttnCall, Family, project_heads, record_inputs
+from .base import (
+    POSITIONS_ATTR,
+    Adapter,
+    AttnCall,
+    Family,
+    TemporalBlocks,
+    project_heads,
+    record_inputs,
+)
 
 
 class AttentionAdapter(Adapter):
@@ -99,10 +108,141 @@ class AttentionAdapter(Adapter):
 ATTENTION = AttentionAdapter()
 
 
+class DeferredPositions(torch.nn.Module):
+    """Stands in for a motion block's SinusoidalPositionalEmbedding: adds nothing, keeps the table under the
+    same state-dict key (`pe`)."""
+
+    def __init__(self, pe: torch.Tensor):
+        super().__init__()
+        self.register_buffer("pe", pe)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+class MotionBlocks(TemporalBlocks):
+    """AnimateDiff's motion modules: diffusers' `BasicTransformerBlock`s over frames ((B*H*W, F, C)), whose
+    SinusoidalPositionalEmbedding (`pos_embed`) adds frame positions to the normed states before each
+    attention."""
+
+    def _block(self, module: torch.nn.Module):
+        """(block, attention module's name in it, site) of an attached attention module, or None."""
+        from ..context import site_of
+
+        site = site_of(module)
+        if site is None or "." not in site.local_name:
+            return None
+        block_name, attention_name = site.local_name.rsplit(".", 1)
+        return self.model.get_submodule(block_name), attention_name, site
+
+    def defer_positions(self, modules):
+        undo = []
+        for module in modules:
+            found = self._block(module)
+            if found is None:
+                continue
+            block, attention_name, _ = found
+            positions = getattr(block, "pos_embed", None)
+            if positions is None or not hasattr(positions, "pe"):
+                continue
+            if attention_name == "attn2" and getattr(block, "norm_type", None) == "ada_norm_single":
+                continue  # the block adds no positions before attn2 then
+            if not isinstance(positions, DeferredPositions):
+                block.pos_embed = DeferredPositions(positions.pe)
+                undo.append(lambda block=block, original=positions: setattr(block, "pos_embed", original))
+            setattr(module, POSITIONS_ATTR, block.pos_embed.pe)
+            undo.append(lambda module=module: delattr(module, POSITIONS_ATTR))
+
+        def restore():
+            for step in reversed(undo):
+                step()
+
+        return restore
+
+    def fuse_windows(self, modules, windows, weights):
+        blocks = {}
+        for module in modules:
+            found = self._block(module)
+            if found is None or found[2].role is not Role.TEMPORAL:
+                continue
+            block, _, site = found
+            if getattr(block, "norm_type", None) != "layer_norm":
+                raise ValueError(
+                    f"running temporal blocks per window of frames needs layer-norm transformer blocks; {site.name} "
+                    f"sits in a {type(block).__name__} with norm_type={getattr(block, 'norm_type', None)!r}"
+                )
+            blocks[id(block)] = block
+        for block in blocks.values():
+            block.forward = functools.partial(_window_fused_block, block, windows, weights, block.forward)
+
+        def undo():
+            for block in blocks.values():
+                del block.forward
+
+        return undo
+
+
+def _window_fused_block(
+    block,
+    windows_of,
+    weights_of,
+    original,
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    encoder_hidden_states: torch.Tensor | None = None,
+    encoder_attention_mask: torch.Tensor | None = None,
+    timestep=None,
+    cross_attention_kwargs: dict[str, Any] | None = None,
+    class_labels=None,
+    added_cond_kwargs=None,
+) -> torch.Tensor:
+    """A layer-norm BasicTransformerBlock over frames (B*H*W, F, C) with its attentions run per window and
+    the windows fused before the feed-forward (its forward, per window)."""
+    frames = hidden_states.shape[1]
+    trained = block.pos_embed.pe.shape[1] if getattr(block, "pos_embed", None) is not None else None
+    windows = windows_of(frames, trained)
+    if len(windows) == 1:
+        return original(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
+                        cross_attention_kwargs, class_labels, added_cond_kwargs)  # fmt: skip
+    extra = cross_attention_kwargs or {}
+    weights = weights_of(windows[0][1] - windows[0][0]).to(hidden_states.device)
+    fused = torch.zeros(hidden_states.shape, device=hidden_states.device, dtype=torch.float32)
+    total = torch.zeros(frames, device=hidden_states.device)
+    for start, end in windows:
+        chunk = hidden_states[:, start:end]
+        norm = block.norm1(chunk)
+        if block.pos_embed is not None:
+            norm = block.pos_embed(norm)
+        context = encoder_hidden_states if block.only_cross_attention else None
+        chunk = (
+            block.attn1(norm, encoder_hidden_states=context, attention_mask=attention_mask, **extra) + chunk
+        )
+        if block.attn2 is not None:
+            norm = block.norm2(chunk)
+            if block.pos_embed is not None:
+                norm = block.pos_embed(norm)
+            chunk = block.attn2(
+                norm, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **extra
+            ) + chunk  # fmt: skip
+        fused[:, start:end] += chunk.float() * weights[None, :, None]
+        total[start:end] += weights
+    hidden_states = fused.div_(total[None, :, None]).to(hidden_states.dtype)  # in place: no second copy
+    norm = block.norm3(hidden_states)
+    if block._chunk_size is not None:
+        from diffusers.models.attention import _chunked_feed_forward
+
+        return _chunked_feed_forward(block.ff, norm, block._chunk_dim, block._chunk_size) + hidden_states
+    return block.ff(norm) + hidden_states
+
+
 class UNetFamily(Family):
     name = "unet"
     title = "Stable Diffusion UNets: SD 1.5, SD 2.x, SDXL, AnimateDiff (UNetMotionModel)"
     denoiser_classes = ("UNet2DConditionModel", "UNetMotionModel")
+    deep_layers_start = 36  # SDXL: the third of up_blocks.0's 30 self-attention layers, of 70
+
+    def temporal_blocks(self, model: torch.nn.Module) -> MotionBlocks:
+        return MotionBlocks(self, model)
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is not Attention or not ATTENTION.reproduces(processor):

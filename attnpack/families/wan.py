@@ -17,6 +17,7 @@ from .base import (
     AttnCall,
     Family,
     ParallelLayout,
+    RotaryModule,
     context_grid,
     record_inputs,
     sdpa_mask,
@@ -107,6 +108,9 @@ class WanFamily(Family):
     title = "Wan 2.1 / 2.2 (WanTransformer3DModel; T2V and I2V)"
     denoiser_classes = ("WanTransformer3DModel",)
     context_parallel = True  # diffusers' plan splits the video tokens; cross-attention keeps the whole text
+
+    def rotary(self, model: torch.nn.Module) -> RotaryModule:
+        return RotaryModule(self, model, model.rope)  # (cos, sin), one row per video token
 
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is WanAttention and ADAPTER.reproduces(processor):

@@ -172,6 +172,15 @@ def plan_merge(
     return TokenMerge(num_tokens, src_positions, dst_positions, order, target, merged, agent_merged)
 
 
+@dataclass(eq=False)
+class MergedTokens:
+    """What `AgentAttention.before_projection` made of one call: the merge plan, to unmerge the output, and
+    the agent tokens (merged hidden states, before `to_q`), or None where agents would not save work."""
+
+    plan: TokenMerge
+    agents: torch.Tensor | None
+
+
 @dataclass(eq=False, repr=False)
 class AgentAttention(AttentionMethod):
     """AgentSD for UNet self-attention. Stage 1 (`ratio`, `agent_ratio`, `sx`, `sy`) runs until the
@@ -268,17 +277,18 @@ class AgentAttention(AttentionMethod):
         )
         if plan is None:
             return hidden_states, encoder_hidden_states, None
-        return plan.tokens(hidden_states), encoder_hidden_states, (plan, plan.agents(hidden_states))
+        merged = MergedTokens(plan, plan.agents(hidden_states))
+        return plan.tokens(hidden_states), encoder_hidden_states, merged
 
-    def after_output(self, prepared, output):
-        plan, _ = prepared
-        return plan.unmerge(output)
+    def after_output(self, prepared: MergedTokens, output):
+        return prepared.plan.unmerge(output)
 
     def attend(self, call: AttnCall) -> torch.Tensor:
-        if call.prepared is None or call.prepared[1] is None:
+        merged: MergedTokens | None = call.prepared
+        if merged is None or merged.agents is None:
             return dense(call)
         attn = call.module
-        agents = unflatten_heads(attn.to_q(call.prepared[1]), attn.heads)
+        agents = unflatten_heads(attn.to_q(merged.agents), attn.heads)
         if attn.norm_q is not None:
             agents = attn.norm_q(agents)
         return agent_attention(

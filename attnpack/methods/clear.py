@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from ..context import site_of
 from ..families.base import AttnCall
 from ..layout import Role
 from ..patterns.clear import clear_window
@@ -77,10 +78,15 @@ class ClearAttention(AttentionMethod):
 
     def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
         undo = []
-        if self.weights is not None:
-            undo.append(load_clear_weights(self, processors))
-        if self.ntk_factor != 1.0:
-            undo.append(_stretch_rope(denoisers.values(), self.ntk_factor))
+        try:
+            if self.weights is not None:
+                undo.append(load_clear_weights(self, processors))
+            if self.ntk_factor != 1.0:
+                undo.append(_stretch_rope(processors, denoisers, self.ntk_factor))
+        except Exception:
+            for step in reversed(undo):  # a refused setting leaves the model as it was
+                step()
+            raise
         if not undo:
             return None
         return lambda: [step() for step in reversed(undo)]
@@ -302,17 +308,24 @@ def load_clear_weights(method: ClearAttention, processors: dict[torch.nn.Module,
     return restore
 
 
-def _stretch_rope(denoisers, factor: float):
-    """NTK-aware RoPE: FLUX's position embedding with its base scaled by `factor`; returns the undo."""
-    stretched = []
-    for model in denoisers:
-        embed = getattr(model, "pos_embed", None)
-        if embed is not None and hasattr(embed, "theta"):
-            stretched.append((embed, embed.theta))
-            embed.theta = embed.theta * factor
+def _stretch_rope(
+    processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module], factor: float
+):
+    """NTK-aware RoPE: the rotary base of every denoiser the method runs on scaled by `factor` (through the
+    family's rotary service); returns the undo."""
+    families = {site.denoiser: site.family for site in (site_of(module) for module in processors)}
+    undo = []
+    for name, family in families.items():
+        rotary = family.rotary(denoisers[name])
+        if rotary is None:
+            raise ValueError(
+                f"ClearAttention: ntk_factor={factor} stretches RoPE's base, and {family.title} has no rotary "
+                "embedding; leave ntk_factor=1.0 there"
+            )
+        undo.append(rotary.scale_theta(factor))
 
     def restore():
-        for embed, theta in stretched:
-            embed.theta = theta
+        for step in reversed(undo):
+            step()
 
     return restore

@@ -21,19 +21,18 @@ inputs.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
-from ..context import SITE_ATTR
+from ..context import site_of
 from ..families.base import AttnCall
 from ..kernels import windowed_attention
 from ..layout import Role
 from .base import AttentionMethod, check_choice, check_number, dense
 from .needs import Needs
-from .temporal import defer_positions, frame_windows, position_offsets, table_length
+from .temporal import defer_positions, frame_windows, position_offsets, table_length, temporal_modules
 
 WEIGHTINGS = ("pyramid", "flat", "delayed_reverse_sawtooth")
 NOISE = ("shuffle", "repeat", "random")
@@ -148,36 +147,46 @@ class FreeNoiseAttention(AttentionMethod):
         return defer_positions(processors, denoisers)
 
     def fuse_blocks(self, processors, denoisers):
-        """fusion="block": each motion-module transformer block runs its attentions per window and fuses
-        the windows before its feed-forward (its forward is wrapped on the instance; undo unwraps it)."""
-        blocks = {}
-        for module in processors:
-            site = getattr(module, SITE_ATTR, None)
-            if site is None or site.role is not Role.TEMPORAL:
+        """fusion="block": each temporal transformer block runs its attentions per window and fuses the
+        windows before its feed-forward (the family's `TemporalBlocks.fuse_windows`; undo puts it back)."""
+        undo = []
+        for family, model, modules in temporal_modules(processors, denoisers):
+            # Video DiTs have no temporal blocks: their windows are fused per attention.
+            modules = [m for m in modules if site_of(m).role is Role.TEMPORAL]
+            if not modules:
                 continue
-            block = denoisers[site.denoiser].get_submodule(site.local_name.rsplit(".", 1)[0])
-            if getattr(block, "norm_type", None) != "layer_norm":
+            blocks = family.temporal_blocks(model)
+            if blocks is None:
                 raise ValueError(
-                    f"FreeNoiseAttention(fusion='block') needs layer-norm transformer blocks; {site.name} sits in "
-                    f"a {type(block).__name__} with norm_type={getattr(block, 'norm_type', None)!r}"
+                    f"FreeNoiseAttention(fusion='block'): {family.title} has no temporal blocks to run per window; "
+                    "use fusion='attention'"
                 )
-            blocks[id(block)] = block
-        for block in blocks.values():
-            block.forward = functools.partial(_window_fused_block, block, self, block.forward)
+            try:
+                undo.append(blocks.fuse_windows(modules, self.block_windows, self.weights))
+            except ValueError as error:
+                raise ValueError(f"FreeNoiseAttention(fusion='block'): {error}") from None
 
-        def undo():
-            for block in blocks.values():
-                del block.forward
+        def restore():
+            for step in reversed(undo):
+                step()
 
-        return undo
+        return restore
 
-    def window_length(self, call: AttnCall | None, block: torch.nn.Module | None = None) -> int:
+    def block_windows(self, frames: int, trained_frames: int | None) -> list[tuple[int, int]]:
+        """The windows of a temporal block over `frames` frames, trained on `trained_frames` (or None)."""
+        return frame_windows(frames, self.window_length(None, trained_frames), self.context_stride)
+
+    def weights(self, length: int) -> torch.Tensor:
+        """Each frame's weight in a window of `length` frames."""
+        return window_weights(length, self.weighting)
+
+    def window_length(self, call: AttnCall | None, trained_frames: int | None = None) -> int:
+        """The window in frames: `context_length`, else the frames the motion module was trained on
+        (`trained_frames`, or the length of the call's deferred position table)."""
         if self.context_length is not None:
             return self.context_length
-        positions = getattr(block, "pos_embed", None)
-        if positions is not None:
-            trained = positions.pe.shape[1]
-        else:
+        trained = trained_frames
+        if trained is None:
             trained = table_length(call.module) if call is not None else None
         if trained is None:
             raise RuntimeError(
@@ -217,54 +226,3 @@ class FreeNoiseAttention(AttentionMethod):
             scale=call.scale,
             tokens_per_frame=tokens,
         )
-
-
-def _window_fused_block(
-    block,
-    method: FreeNoiseAttention,
-    original,
-    hidden_states: torch.Tensor,
-    attention_mask: torch.Tensor | None = None,
-    encoder_hidden_states: torch.Tensor | None = None,
-    encoder_attention_mask: torch.Tensor | None = None,
-    timestep=None,
-    cross_attention_kwargs: dict[str, Any] | None = None,
-    class_labels=None,
-    added_cond_kwargs=None,
-) -> torch.Tensor:
-    """A layer-norm BasicTransformerBlock over frames (B*H*W, F, C) with its attentions run per window and
-    the windows fused before the feed-forward."""
-    frames = hidden_states.shape[1]
-    windows = frame_windows(frames, method.window_length(None, block), method.context_stride)
-    if len(windows) == 1:
-        return original(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask, timestep,
-                        cross_attention_kwargs, class_labels, added_cond_kwargs)  # fmt: skip
-    extra = cross_attention_kwargs or {}
-    weights = window_weights(windows[0][1] - windows[0][0], method.weighting).to(hidden_states.device)
-    fused = torch.zeros(hidden_states.shape, device=hidden_states.device, dtype=torch.float32)
-    total = torch.zeros(frames, device=hidden_states.device)
-    for start, end in windows:
-        chunk = hidden_states[:, start:end]
-        norm = block.norm1(chunk)
-        if block.pos_embed is not None:
-            norm = block.pos_embed(norm)
-        context = encoder_hidden_states if block.only_cross_attention else None
-        chunk = (
-            block.attn1(norm, encoder_hidden_states=context, attention_mask=attention_mask, **extra) + chunk
-        )
-        if block.attn2 is not None:
-            norm = block.norm2(chunk)
-            if block.pos_embed is not None:
-                norm = block.pos_embed(norm)
-            chunk = block.attn2(
-                norm, encoder_hidden_states=encoder_hidden_states, attention_mask=encoder_attention_mask, **extra
-            ) + chunk  # fmt: skip
-        fused[:, start:end] += chunk.float() * weights[None, :, None]
-        total[start:end] += weights
-    hidden_states = fused.div_(total[None, :, None]).to(hidden_states.dtype)  # in place: no second copy
-    norm = block.norm3(hidden_states)
-    if block._chunk_size is not None:
-        from diffusers.models.attention import _chunked_feed_forward
-
-        return _chunked_feed_forward(block.ff, norm, block._chunk_dim, block._chunk_size) + hidden_states
-    return block.ff(norm) + hidden_states

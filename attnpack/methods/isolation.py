@@ -27,7 +27,9 @@ subject's token indices, gathered during a step and thresholded (Otsu) for the n
 
 from __future__ import annotations
 
+import functools
 import logging
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -50,7 +52,6 @@ from .needs import Input, Needs
 
 logger = logging.getLogger("attnpack")
 
-DEFAULT_START_LAYER = {"unet": 36, "flux": 19}  # SDXL: 36 of 70 self-attention layers; FLUX: single-stream
 MAP_TOKENS = 4096  # attention maps are gathered on layers with at most this many image tokens
 
 
@@ -125,6 +126,27 @@ class _Step:
     patterns: dict[tuple, object] = field(default_factory=dict)  # (grid, text, mutual, device) -> pattern
 
 
+@dataclass(eq=False)
+class IsolationRun:
+    """What one IsolationAttention finds on one attached pipeline (kept in its AttnContext): the current
+    step's shared state and the masks found from attention maps, at the map grid."""
+
+    step: _Step = field(default_factory=_Step)
+    found: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class IsolationPrepared:
+    """What `before_projection` made of one self-attention call, for `attend` and `after_output`."""
+
+    grid: tuple[int, int] | None  # the call's image grid
+    masks: tuple[list, list] | None  # (target masks, source masks) at `grid`, None while unknown
+    state: _Step  # this step's shared state
+    rows: int  # the module's own batch rows; repositioned reference rows follow them
+    extra: int = 0  # repositioned reference rows added
+    moved: list = field(default_factory=list)  # per added row: where the reference landed (h, w) bool
+
+
 @dataclass(eq=False, repr=False)
 class IsolationAttention(AttentionMethod):
     """IR-Diffusion. `subjects`: Subject objects or dicts (name, prompt, box, ...); `start_layer`: the first
@@ -176,9 +198,9 @@ class IsolationAttention(AttentionMethod):
         check_choice(owner, "reposition", self.reposition, (True, False))
         check_choice(owner, "isolate", self.isolate, (True, False))
         check_number(owner, "seed", self.seed, low=0, integer=True)
-        self._step = _Step()
-        self._found: dict[str, torch.Tensor] = {}  # masks found from attention maps, at the map grid
-        self._patterns: dict[tuple, Any] = {}  # by segment layout: the same for every layer, step and row
+        # The run state lives in each pipeline's AttnContext (`run`); this is only the latest one, for the
+        # deprecated `_step` / `_found`. Nothing reads it during a run.
+        self._latest_run: IsolationRun | None = None
 
     def config(self) -> dict[str, Any]:
         out = super().config()
@@ -202,29 +224,60 @@ class IsolationAttention(AttentionMethod):
                 "attnpack.pipelines.multi_subject, or lay out the batch that way"
             )
 
+    def run(self, ctx) -> IsolationRun:
+        """This method's run state on the context's pipeline."""
+        run = ctx.state_for(self, IsolationRun)
+        self._latest_run = run
+        return run
+
     def step(self, ctx) -> _Step:
         """This step's shared state; a new step first turns the last step's attention maps into masks."""
+        run = self.run(ctx)
         index = ctx.step_index
-        if index != self._step.index:
-            for key, total in self._step.maps.items():
-                found = total / self._step.counts[key]
+        if index != run.step.index:
+            for key, total in run.step.maps.items():
+                found = total / run.step.counts[key]
                 found = (found - found.min()) / (found.max() - found.min()).clamp(min=1e-12)
-                self._found[key] = found > otsu_threshold(found)
-            if index is None or index == 0 or (self._step.index is not None and index < self._step.index):
-                self._found = {}  # a new run
-            self._step = _Step(index=index)
-        return self._step
+                run.found[key] = found > otsu_threshold(found)
+            if index is None or index == 0 or (run.step.index is not None and index < run.step.index):
+                run.found = {}  # a new run
+            run.step = _Step(index=index)
+        return run.step
 
-    def masks(self, grid: tuple[int, int]) -> tuple[list, list] | None:
-        """(target masks, source masks) at `grid`, or None while some are still unknown."""
+    @property
+    def _step(self) -> _Step:
+        warnings.warn(
+            "IsolationAttention._step is deprecated: the run state lives in the pipeline's context, "
+            "attnpack.attach(pipe).state_for(method, IsolationRun).step",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._latest_run.step if self._latest_run is not None else _Step()
+
+    @property
+    def _found(self) -> dict[str, torch.Tensor]:
+        warnings.warn(
+            "IsolationAttention._found is deprecated: use MultiSubjectOutput.masks, or the run state in the "
+            "pipeline's context, attnpack.attach(pipe).state_for(method, IsolationRun).found",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._latest_run.found if self._latest_run is not None else {}
+
+    def masks(
+        self, grid: tuple[int, int], found: dict[str, torch.Tensor] | None = None
+    ) -> tuple[list, list] | None:
+        """(target masks, source masks) at `grid` from the subjects' boxes and masks, else from the masks
+        `found` from attention maps; None while some are still unknown."""
+        found = found or {}
         targets, sources = [], []
         for i, subject in enumerate(self.subjects):
             target = subject.target_mask(grid)
-            if target is None and f"target {i}" in self._found:
-                target = resize_mask(self._found[f"target {i}"], grid)
+            if target is None and f"target {i}" in found:
+                target = resize_mask(found[f"target {i}"], grid)
             source = subject.source_mask(grid)
-            if source is None and f"reference {i}" in self._found:
-                source = resize_mask(self._found[f"reference {i}"], grid)
+            if source is None and f"reference {i}" in found:
+                source = resize_mask(found[f"reference {i}"], grid)
             if target is None or source is None or not target.any() or not source.any():
                 return None
             targets.append(target)
@@ -240,9 +293,12 @@ class IsolationAttention(AttentionMethod):
         return state.keep[key]
 
     def mutual_now(self, call_site, ctx) -> bool:
-        start = (
-            self.start_layer if self.start_layer is not None else DEFAULT_START_LAYER[call_site.family.name]
-        )
+        start = self.start_layer if self.start_layer is not None else call_site.family.deep_layers_start
+        if start is None:
+            raise ValueError(
+                f"IsolationAttention: start_layer=None takes the family's first deep layer, and "
+                f"{call_site.family.title} names none; pass start_layer (an integer >= 0)"
+            )
         return call_site.role_index >= start and (ctx.step_index or 0) >= self.start_step
 
     # ---- before projection: repositioned reference rows
@@ -253,13 +309,11 @@ class IsolationAttention(AttentionMethod):
         self.check_batch(hidden_states.shape[0], site.name)
         ctx = site.context
         state = self.step(ctx)
-        text_len = 0
-        if site.family.name == "flux" and encoder_hidden_states is None:
-            text_len = ctx.text_len or 0  # single-stream blocks: [text, image] in one sequence
+        text_len = site.adapter.leading_text_len(site, encoder_hidden_states)  # [text, image] in one sequence
         image_len = hidden_states.shape[1] - text_len
         grid = _image_grid(ctx, image_len)
-        masks = self.masks(grid) if grid is not None else None
-        prepared = {"grid": grid, "masks": masks, "state": state, "rows": hidden_states.shape[0], "extra": 0}
+        masks = self.masks(grid, self.run(ctx).found) if grid is not None else None
+        prepared = IsolationPrepared(grid, masks, state, rows=hidden_states.shape[0])
         if masks is None or not self.mutual_now(site, ctx):
             return hidden_states, encoder_hidden_states, prepared
         targets, sources = masks
@@ -275,15 +329,15 @@ class IsolationAttention(AttentionMethod):
                     moved, moved_mask = image * sources[i].to(image)[..., None], sources[i]
                 rows.append(torch.cat([reference[:text_len], moved.reshape(image_len, -1)]))
                 moved_masks.append(moved_mask)
-        prepared.update(extra=len(rows), moved=moved_masks)
+        prepared.extra, prepared.moved = len(rows), moved_masks
         hidden_states = torch.cat([hidden_states, torch.stack(rows)])
         if encoder_hidden_states is not None:
             refs = [encoder_hidden_states[h * self.group + i] for h in range(halves) for i in range(n)]
             encoder_hidden_states = torch.cat([encoder_hidden_states, torch.stack(refs)])
         return hidden_states, encoder_hidden_states, prepared
 
-    def after_output(self, prepared, output):
-        rows = prepared["rows"]
+    def after_output(self, prepared: IsolationPrepared, output):
+        rows = prepared.rows
         if isinstance(output, tuple):
             return tuple(x[:rows] for x in output)
         return output[:rows]
@@ -293,8 +347,8 @@ class IsolationAttention(AttentionMethod):
     def attend(self, call: AttnCall) -> torch.Tensor:
         if call.layout.role is Role.CROSS:
             return self.attend_cross(call)
-        prepared = call.prepared
-        rows, grid, masks = prepared["rows"], prepared["grid"], prepared["masks"]
+        prepared: IsolationPrepared = call.prepared
+        rows, grid, masks = prepared.rows, prepared.grid, prepared.masks
         out = torch.zeros_like(call.query)
         out[:rows] = dense_attention(
             call.query[:rows],
@@ -309,10 +363,10 @@ class IsolationAttention(AttentionMethod):
             return out  # masks not known yet (found from attention maps from the next step on)
         targets, _ = masks
         n, text = len(self.subjects), call.layout.text_len if call.layout.role is Role.JOINT else 0
-        extra, device, state = prepared["extra"], call.query.device, prepared["state"]
+        extra, device, state = prepared.extra, call.query.device, prepared.state
         key = (grid, text, extra > 0, str(device))
         if key not in state.patterns:  # the masks and this step's draws are the same for every layer and row
-            moved = prepared["moved"][:n] if extra else None
+            moved = prepared.moved[:n] if extra else None
             query_segments, key_segments = self.row_segments(targets, moved, state, grid, text)
             state.patterns[key] = self.pattern(query_segments, torch.cat(key_segments), extra > 0, device)
         pattern = state.patterns[key]
@@ -356,13 +410,14 @@ class IsolationAttention(AttentionMethod):
     def pattern(self, query_segments: torch.Tensor, key_segments: torch.Tensor, mutual: bool, device):
         """The isolation pattern of a segment layout (CPU tensors), built once per layout and device: the
         layouts repeat over layers, steps and the rows of a batch, and change only with the masks."""
-        key = (query_segments.numpy().tobytes(), key_segments.numpy().tobytes(), mutual, str(device))
-        if key not in self._patterns:
-            if len(self._patterns) >= 64:  # masks found anew each generation: keep the recent layouts
-                self._patterns.pop(next(iter(self._patterns)))
-            rule = self.segments.rule(isolate=self.isolate, mutual=mutual)
-            self._patterns[key] = segment_pattern(rule, query_segments.to(device), key_segments.to(device))
-        return self._patterns[key]
+        return _segment_layout_pattern(
+            query_segments.to(torch.int32).numpy().tobytes(),
+            key_segments.to(torch.int32).numpy().tobytes(),
+            len(self.subjects),
+            self.isolate,
+            mutual,
+            str(device),
+        )
 
     def attend_cross(self, call: AttnCall) -> torch.Tensor:
         rows = call.query.shape[0]
@@ -374,7 +429,7 @@ class IsolationAttention(AttentionMethod):
             return out
         if grid[0] * grid[1] <= MAP_TOKENS:
             self.gather_cross_attention(call, grid)
-        masks = self.masks(grid)
+        masks = self.masks(grid, self.run(ctx).found)
         if masks is None or self.cross_attention_blend == 0:
             return out
         targets, _ = masks
@@ -402,13 +457,13 @@ class IsolationAttention(AttentionMethod):
         """The rows of the last guidance half (the conditional one in diffusers' [negative, positive])."""
         return range(rows - self.group, rows)
 
-    def gather_self_attention(self, call: AttnCall, prepared) -> None:
+    def gather_self_attention(self, call: AttnCall, prepared: IsolationPrepared) -> None:
         if not self._needs_maps():
             return
-        rows, grid = prepared["rows"], prepared["grid"]
+        rows, grid = prepared.rows, prepared.grid
         text = call.layout.text_len if call.layout.role is Role.JOINT else 0
         image = slice(text, text + grid[0] * grid[1])
-        state = prepared["state"]
+        state = prepared.state
         probabilities = []
         for r in self._conditional_rows(rows):
             probs = _head_mean_probs(call.query[r, image], call.key[r], call.scale)  # (N, S)
@@ -460,6 +515,32 @@ class IsolationAttention(AttentionMethod):
                 )[0, 0]
             state.maps[key] = state.maps.get(key, 0) + found
             state.counts[key] = state.counts.get(key, 0) + 1
+
+
+@functools.lru_cache(maxsize=64)  # masks found anew each generation: keep the recent layouts
+def _segment_layout_pattern(
+    query_segments: bytes, key_segments: bytes, subjects: int, isolate: bool, mutual: bool, device: str
+):
+    """The isolation pattern of one segment layout (int32 segment ids as bytes): a pure function of the
+    layout and the settings, shared by every layer, step, row and method object."""
+    rule = Segments(subjects).rule(isolate=isolate, mutual=mutual)
+    query = torch.frombuffer(bytearray(query_segments), dtype=torch.int32)
+    key = torch.frombuffer(bytearray(key_segments), dtype=torch.int32)
+    return segment_pattern(rule, query.to(device), key.to(device))
+
+
+def __getattr__(name: str):
+    if name == "DEFAULT_START_LAYER":
+        from ..families import FAMILIES
+
+        warnings.warn(
+            "attnpack.methods.isolation.DEFAULT_START_LAYER is deprecated: the default start layer is the "
+            "family's `deep_layers_start`",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return {name: FAMILIES[name].deep_layers_start for name in IsolationAttention.families}
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _image_grid(ctx, image_len: int) -> tuple[int, int] | None:

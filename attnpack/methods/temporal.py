@@ -4,7 +4,8 @@ AnimateDiff's motion modules add sinusoidal frame positions (at most `motion_max
 to the normed hidden states before each temporal attention. A window must see positions 0..L-1 whatever
 frames it covers, and a video longer than the table must not index past it, so while a temporal method is
 applied the block's position module adds nothing and the processor adds the positions itself: projections
-are linear, so `to_q(x + p) = to_q(x) + W_q p`, and the position offsets are computed once per call.
+are linear, so `to_q(x + p) = to_q(x) + W_q p`, and the position offsets are computed once per call. How a
+family's blocks hand their positions over is the family's (`Family.temporal_blocks(model)`).
 """
 
 from __future__ import annotations
@@ -14,43 +15,29 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..context import SITE_ATTR
+from ..context import site_of
+from ..families.base import POSITIONS_ATTR
+from ..families.unet import DeferredPositions  # noqa: F401  (imported from here by users and tests)
 
-POSITIONS_ATTR = "_attnpack_positions"  # on a temporal attention module: its block's (max_len, C) table
 
-
-class DeferredPositions(torch.nn.Module):
-    """Stands in for a motion block's SinusoidalPositionalEmbedding: adds nothing, keeps the table under the
-    same state-dict key (`pe`)."""
-
-    def __init__(self, pe: torch.Tensor):
-        super().__init__()
-        self.register_buffer("pe", pe)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
+def temporal_modules(processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
+    """The attached attention modules of `processors` by denoiser: [(family, model, modules), ...]."""
+    found: dict[str, tuple] = {}
+    for module in processors:
+        site = site_of(module)
+        if site is not None:
+            found.setdefault(site.denoiser, (site.family, denoisers[site.denoiser], []))[2].append(module)
+    return list(found.values())
 
 
 def defer_positions(processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
     """For every temporal attention module in `processors`, move its block's frame positions into the
-    processor's hands. Returns the undo."""
+    processor's hands (families without temporal blocks have none to move). Returns the undo."""
     undo = []
-    for module in processors:
-        site = getattr(module, SITE_ATTR, None)
-        if site is None or "." not in site.local_name:
-            continue
-        block_name, attention_name = site.local_name.rsplit(".", 1)
-        block = denoisers[site.denoiser].get_submodule(block_name)
-        positions = getattr(block, "pos_embed", None)
-        if positions is None or not hasattr(positions, "pe"):
-            continue
-        if attention_name == "attn2" and getattr(block, "norm_type", None) == "ada_norm_single":
-            continue  # the block adds no positions before attn2 then
-        if not isinstance(positions, DeferredPositions):
-            block.pos_embed = DeferredPositions(positions.pe)
-            undo.append(lambda block=block, original=positions: setattr(block, "pos_embed", original))
-        setattr(module, POSITIONS_ATTR, block.pos_embed.pe)
-        undo.append(lambda module=module: delattr(module, POSITIONS_ATTR))
+    for family, model, modules in temporal_modules(processors, denoisers):
+        blocks = family.temporal_blocks(model)
+        if blocks is not None:
+            undo.append(blocks.defer_positions(modules))
 
     def restore():
         for step in reversed(undo):

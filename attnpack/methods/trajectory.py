@@ -4,14 +4,15 @@ An object follows a user's path of boxes, training-free:
 
 - STD-RoPE: during the first `rope_steps`, every foreground token at (f, h, w) takes the rotary position
   of (f, h_ref, w_ref) from the smallest box of the path (a larger box samples the reference patch
-  nearest-neighbour), so the frames' foreground attends to itself as one object. The rotary module's
-  output (Wan, HunyuanVideo) or the rotary tables the pipeline passes (CogVideoX) are re-indexed through a
-  hook: nothing in diffusers is patched or copied;
+  nearest-neighbour), so the frames' foreground attends to itself as one object. The family's rotary
+  service (`Family.rotary(model).reindex`) re-indexes the tables through a hook: nothing in diffusers is
+  patched or copied;
 - R-token mask (same steps): background tokens that sit where a frame's foreground takes its positions
   and the foreground tokens do not attend each other;
 - foreground / background text (Wan, steps < `mask_steps`, conditional pass): the text context is
   [background prompt; foreground prompt], foreground video tokens attend only the foreground text and
-  background tokens only the background text. `attnpack.pipelines.trajectory_video` feeds the texts.
+  background tokens only the background text. `attnpack.pipelines.trajectory_video` feeds the texts and
+  says so in the context (`AttnContext.text_parts`).
 
 Masks run in the block-sparse kernel as token segments. Trajectories are keyframe boxes
 `[[frame, y1, y2, x1, x2], ...]` in normalised units (DiTraj / FreeTraj format), linearly interpolated, or
@@ -20,16 +21,17 @@ point tracks `[[{"x": .., "y": ..}, ...]]` (ComfyUI / ATI) turned into boxes of 
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 
-from .. import parallel
-from ..context import SITE_ATTR
-from ..families.base import AttnCall
+from ..context import site_of
+from ..families.base import AttnCall, reindex_tables
 from ..layout import Role
 from ..patterns.block_sparse import ElementRule
 from ..patterns.subjects import segment_pattern
@@ -186,16 +188,31 @@ class TrajectoryRoPE(AttentionMethod):
         check_number(owner, "frames_per_latent", self.frames_per_latent, low=1, integer=True)
         if (self.fg_prompt is None) != (self.bg_prompt is None):
             raise ValueError(f"{owner}: give both fg_prompt and bg_prompt, or neither")
-        self.background_text_len: int | None = None  # set by the pipeline that feeds [background; foreground]
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._patterns: dict[tuple, Any] = {}  # built once per layout: the same for every layer and step
+        self._background_text_len: int | None = None  # only through the deprecated background_text_len
+
+    @property
+    def background_text_len(self) -> int | None:
+        warnings.warn(
+            "TrajectoryRoPE.background_text_len is deprecated: a pipeline that feeds [background; foreground] "
+            "text sets AttnContext.text_parts = (background, foreground) for the denoiser call",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self._background_text_len
+
+    @background_text_len.setter
+    def background_text_len(self, length: int | None) -> None:
+        warnings.warn(
+            "TrajectoryRoPE.background_text_len is deprecated: a pipeline that feeds [background; foreground] "
+            "text sets AttnContext.text_parts = (background, foreground) for the denoiser call",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        self._background_text_len = length
 
     def layout(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
-        key = tuple(grid)
-        if key not in self._cache:
-            boxes = token_boxes(self.keyframes, grid, self.frames_per_latent)
-            self._cache[key] = remap_index(grid, boxes)
-        return self._cache[key]
+        """(source token per token, foreground mask) of STD-RoPE at a token grid (see `remap_index`)."""
+        return _remap_layout(tuple(self.keyframes), tuple(grid), self.frames_per_latent)
 
     def rope_now(self, ctx) -> bool:
         return bool(self.keyframes) and ctx.grid is not None and (ctx.step_index or 0) < self.rope_steps
@@ -205,59 +222,34 @@ class TrajectoryRoPE(AttentionMethod):
     def install(self, processors: dict[torch.nn.Module, Any], denoisers: dict[str, torch.nn.Module]):
         if not self.keyframes:
             return None
-        hooks = []
+        undo = []
         for name, model in denoisers.items():
-            site = next(
-                (getattr(m, SITE_ATTR) for m in processors if getattr(m, SITE_ATTR).denoiser == name), None
-            )
+            site = next((site_of(m) for m in processors if site_of(m).denoiser == name), None)
             if site is None:
                 continue
+            rotary = site.family.rotary(model)
+            if rotary is None:
+                raise ValueError(
+                    f"TrajectoryRoPE: {site.family.title} has no rotary embedding for STD-RoPE to re-index; "
+                    f"it runs on the families {list(self.families)}"
+                )
             ctx = site.context
-            if site.family.name == "cogvideox":
-                hooks.append(model.register_forward_pre_hook(self._cogvideox_hook(ctx), with_kwargs=True))
-            else:
-                hooks.append(model.rope.register_forward_hook(self._rope_hook(ctx, model)))
-        return lambda: [hook.remove() for hook in hooks]
+            undo.append(
+                rotary.reindex(lambda ctx=ctx: self.layout(ctx.grid)[0] if self.rope_now(ctx) else None)
+            )
+        return lambda: [step() for step in undo]
 
     def remap(self, rotary, grid, config=None) -> Any:
         """(cos, sin) tables with one row per video token, rows re-indexed by STD-RoPE; under context
         parallelism (`config`) this rank's rows of the re-indexed tables."""
-        source, _ = self.layout(grid)
-        tokens = math.prod(grid)
+        return reindex_tables(rotary, self.layout(grid)[0], config)
 
-        def gather(table: torch.Tensor) -> torch.Tensor:
-            axis = next((d for d, n in enumerate(table.shape) if n == tokens), None)
-            if axis is None:
-                raise ValueError(
-                    f"TrajectoryRoPE: a rotary table of shape {tuple(table.shape)} has no axis of the "
-                    f"{tokens} video tokens of the grid {tuple(grid)}"
-                )
-            table = table.index_select(axis, source.to(table.device))
-            return table if config is None else parallel.local_shard(table, axis, config)
-
-        return tuple(gather(t) for t in rotary) if isinstance(rotary, tuple | list) else gather(rotary)
-
-    def _rope_hook(self, ctx, model):
-        def hook(module, args, output):
-            if not self.rope_now(ctx):
-                return None
-            config = parallel.context_parallel_config(model)
-            if getattr(config, "context_parallel_config", None) is None:
-                return self.remap(output, ctx.grid)
-            # diffusers' plan has cut the tables to this rank's rows; re-indexing reads any row, so
-            # compute the whole tables again (the class's forward, outside the plan's hooks).
-            return self.remap(type(module).forward(module, *args), ctx.grid, config)
-
-        return hook
-
-    def _cogvideox_hook(self, ctx):
-        def hook(module, args, kwargs):
-            rotary = kwargs.get("image_rotary_emb")
-            if rotary is None or not self.rope_now(ctx):
-                return None
-            return args, kwargs | {"image_rotary_emb": self.remap(rotary, ctx.grid)}
-
-        return hook
+    def text_parts(self, ctx) -> tuple[int, ...] | None:
+        """The (background, foreground) text lengths of the current denoiser call, or None."""
+        if ctx.text_parts is not None:
+            return ctx.text_parts
+        length = self._background_text_len
+        return None if length is None else (length, length)
 
     # ---- masks
 
@@ -269,38 +261,61 @@ class TrajectoryRoPE(AttentionMethod):
         if not self.keyframes or ctx.grid is None or call.attn_mask is not None:
             return dense_attention_of(call)
         step = ctx.step_index or 0
+        grid, device = tuple(ctx.grid), str(call.query.device)
         if layout.role is Role.CROSS:
-            text = self.background_text_len
-            if text is None or step >= self.mask_steps or call.key.shape[1] != 2 * text:
+            parts = self.text_parts(ctx)
+            if parts is None or len(parts) != 2 or step >= self.mask_steps or call.key.shape[1] != sum(parts):
                 return dense_attention_of(call)  # plain text (the unconditional pass, or later steps)
-            _, foreground = self.layout(ctx.grid)
-            q = foreground.to(torch.int32)  # BACKGROUND 0 / FOREGROUND 1
-            k = torch.cat([torch.full((text,), TEXT), torch.full((text,), FOREGROUND_TEXT)]).to(torch.int32)
-            allow = torch.zeros(5, 5, dtype=torch.bool)
-            allow[BACKGROUND, TEXT] = allow[FOREGROUND, FOREGROUND_TEXT] = True
-            pattern = self._segmented(call, ("cross", tuple(ctx.grid), text), q, k, allow)
+            pattern = _text_pattern(tuple(self.keyframes), self.frames_per_latent, grid, tuple(parts), device)
             return SparseAttention(pattern, call.scale)
         if step >= self.rope_steps:
             return dense_attention_of(call)
-        source, foreground = self.layout(ctx.grid)
-        video = foreground.to(torch.int32)
-        video[r_tokens(source, foreground)] = R_TOKEN
         text_len = layout.text_len if layout.role is Role.JOINT else 0
-        text = torch.full((text_len,), TEXT, dtype=torch.int32)
-        segments = torch.cat([text, video]) if layout.text_first else torch.cat([video, text])
-        allow = torch.ones(5, 5, dtype=torch.bool)
-        allow[FOREGROUND, R_TOKEN] = allow[R_TOKEN, FOREGROUND] = False
-        key = ("self", tuple(ctx.grid), text_len, layout.text_first)
-        return SparseAttention(self._segmented(call, key, segments, segments, allow), call.scale)
+        pattern = _r_token_pattern(
+            tuple(self.keyframes), self.frames_per_latent, grid, text_len, layout.text_first, device
+        )
+        return SparseAttention(pattern, call.scale)
 
-    def _segmented(self, call, key, q_segments, k_segments, allow):
-        """The segment pattern, built once per layout and device."""
-        device = call.query.device
-        key = (*key, str(device))
-        if key not in self._patterns:
-            rule = ElementRule(allow, torch.zeros_like(allow))
-            self._patterns[key] = segment_pattern(rule, q_segments.to(device), k_segments.to(device))
-        return self._patterns[key]
+
+# Layouts and patterns are pure functions of the trajectory settings and the token layout: cached here, the
+# same for every layer, step, pipeline and method object.
+
+
+@functools.lru_cache(maxsize=64)
+def _remap_layout(keyframes: tuple, grid: tuple[int, int, int], frames_per_latent: int):
+    return remap_index(grid, token_boxes(keyframes, grid, frames_per_latent))
+
+
+def _segmented(q_segments: torch.Tensor, k_segments: torch.Tensor, allow: torch.Tensor, device: str):
+    rule = ElementRule(allow, torch.zeros_like(allow))
+    return segment_pattern(rule, q_segments.to(device), k_segments.to(device))
+
+
+@functools.lru_cache(maxsize=64)
+def _text_pattern(keyframes: tuple, frames_per_latent: int, grid: tuple, parts: tuple[int, int], device: str):
+    """Foreground video tokens see the foreground text only, background tokens the background text."""
+    _, foreground = _remap_layout(keyframes, grid, frames_per_latent)
+    q = foreground.to(torch.int32)  # BACKGROUND 0 / FOREGROUND 1
+    background, foreground_text = parts
+    k = torch.cat([torch.full((background,), TEXT), torch.full((foreground_text,), FOREGROUND_TEXT)])
+    allow = torch.zeros(5, 5, dtype=torch.bool)
+    allow[BACKGROUND, TEXT] = allow[FOREGROUND, FOREGROUND_TEXT] = True
+    return _segmented(q, k.to(torch.int32), allow, device)
+
+
+@functools.lru_cache(maxsize=64)
+def _r_token_pattern(
+    keyframes: tuple, frames_per_latent: int, grid: tuple, text_len: int, text_first: bool, device: str
+):
+    """Every token sees every token, but foreground and R tokens do not see each other."""
+    source, foreground = _remap_layout(keyframes, grid, frames_per_latent)
+    video = foreground.to(torch.int32)
+    video[r_tokens(source, foreground)] = R_TOKEN
+    text = torch.full((text_len,), TEXT, dtype=torch.int32)
+    segments = torch.cat([text, video]) if text_first else torch.cat([video, text])
+    allow = torch.ones(5, 5, dtype=torch.bool)
+    allow[FOREGROUND, R_TOKEN] = allow[R_TOKEN, FOREGROUND] = False
+    return _segmented(segments, segments, allow, device)
 
 
 def trajectory_picture(
