@@ -297,3 +297,20 @@ def test_pooling_weights_follow_the_model_to_its_device():
     weights = layer.pooling_weights(call)
     assert weights.device.type == "meta" and weights.shape == (4, 4)
     assert layer.spatial_weight.device.type == "meta"
+
+
+@pytest.mark.parametrize("down_factor", [None, 2])
+def test_proportional_scale_counts_the_sequence_as_the_public_code(down_factor):
+    """log_4608(N) with N the text + image tokens before the pooled keys join (10 N with pooling)."""
+    import math
+    from types import SimpleNamespace
+
+    from attnpack.layout import Role, TokenLayout
+
+    grid, text, head_dim = (8, 12), 7, 16
+    tokens = text + grid[0] * grid[1]
+    layout = TokenLayout(Role.JOINT, tokens, tokens, grid=grid, text_len=text)
+    call = SimpleNamespace(layout=layout, query=torch.zeros(1, tokens, 2, head_dim), scale=None, site=None)
+    method = attnpack.ClearAttention(radius=3, down_factor=down_factor, proportional_attention=True)
+    expected = math.sqrt(math.log(tokens * (10 if down_factor else 1), 64**2 + 512) / head_dim)
+    assert method.sparse_attention(call).scale == pytest.approx(expected, rel=1e-12)

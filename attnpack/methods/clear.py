@@ -128,9 +128,9 @@ class ClearAttention(AttentionMethod):
         )
         scale = call.scale
         if self.proportional_attention:
-            keys = pattern.kv_len * (
-                10 if self.down_factor else 1
-            )  # the public code's factor with pooled tokens
+            # The public code's N: the sequence's own keys, counted before the pooled ones join them, times
+            # 10 when there are pooled tokens.
+            keys = pattern.q_len * (10 if self.down_factor else 1)
             scale = math.sqrt(math.log(keys, TRAIN_TOKENS) / call.query.shape[-1])
         return SparseAttention(pattern, scale, None)
 
