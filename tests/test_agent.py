@@ -370,3 +370,54 @@ def test_gpu_tiny_sd15_in_half_precision():
     with attnpack.apply(pipe, "agent"):
         out = run_tiny(pipe, "tiny-sd1.5")
     assert torch.isfinite(out).all()
+
+
+# ---- what the matching compares
+
+
+@pytest.mark.parametrize("match_on", ["block_input", "normed"])
+def test_matching_reads_the_block_input_as_agentsd_does(monkeypatch, match_on):
+    """AgentSD's patch (after ToMeSD) matches tokens on the transformer block's input and merges the normed
+    states; match_on="normed" matches on the normed states too."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    pipe = tiny_pipeline("tiny-sd1.5")
+    metrics, merged, block_inputs, attn_inputs = [], [], [], []
+    original = agent_module.plan_merge
+
+    def spy(metric, grid, **kwargs):
+        metrics.append(metric)
+        plan = original(metric, grid, **kwargs)
+        merged.append(plan)
+        return plan
+
+    monkeypatch.setattr(agent_module, "plan_merge", spy)
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    hooks = [b.register_forward_pre_hook(lambda m, a, k: block_inputs.append(a[0] if a else k["hidden_states"]),
+                                         with_kwargs=True) for b in blocks]  # fmt: skip
+    hooks += [b.attn1.register_forward_pre_hook(lambda m, a, k: attn_inputs.append(a[0] if a else k["hidden_states"]),
+                                                with_kwargs=True) for b in blocks]  # fmt: skip
+    with attnpack.apply(pipe, "agent", max_downsample=2, match_on=match_on):
+        run_tiny(pipe, "tiny-sd1.5", num_inference_steps=1)
+    for hook in hooks:
+        hook.remove()
+    assert metrics and any(plan is not None for plan in merged)
+    expected = block_inputs if match_on == "block_input" else attn_inputs
+    for metric in metrics:
+        assert any(metric is seen for seen in expected)
+        assert not any(
+            metric is seen for seen in (attn_inputs if match_on == "block_input" else block_inputs)
+        )
+
+
+def test_match_on_is_checked_and_set_attn_processor_says_it_cannot_see_the_block(caplog, monkeypatch):
+    monkeypatch.setattr("attnpack.kernels.dispatch._logged", set())  # said once per process: forget it
+    with pytest.raises(
+        ValueError, match=r"match_on='input' is not accepted; choose one of 'block_input', 'normed'"
+    ):
+        AgentAttention(match_on="input")
+    torch.manual_seed(6)
+    attn, _ = make_site_layer(AgentAttention(late_start=1.0, max_downsample=2), (32, 32))
+    with caplog.at_level("INFO", logger="attnpack"), torch.no_grad():
+        attn(torch.randn(2, 256, 32))
+    assert "was not seen" in caplog.text

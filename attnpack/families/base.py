@@ -153,6 +153,16 @@ class Family(ABC):
         """The denoiser's rotary position embedding, for methods that change it; None without one."""
         return None
 
+    def watch_block_inputs(
+        self,
+        model: torch.nn.Module,
+        modules: list[torch.nn.Module],
+        seen: Callable[[torch.nn.Module, Any], None],
+    ) -> Undo:
+        """Call `seen(module, hidden_states)` with the input of the transformer block around each of these
+        attention modules, every time the block runs (before its norm): what token merging matches on."""
+        raise ValueError(f"{self.title}: its attention modules' transformer blocks cannot be watched")
+
     def temporal_blocks(self, model: torch.nn.Module) -> TemporalBlocks | None:
         """The denoiser's temporal (frame) transformer blocks, for methods that run them per window of
         frames; None where it has none."""

@@ -244,6 +244,35 @@ class UNetFamily(Family):
     def temporal_blocks(self, model: torch.nn.Module) -> MotionBlocks:
         return MotionBlocks(self, model)
 
+    def watch_block_inputs(self, model, modules, seen):
+        """A forward pre-hook on each module's `BasicTransformerBlock` (its parent), whose first argument is
+        the block input."""
+        from ..context import site_of
+
+        hooks = []
+        for module in modules:
+            site = site_of(module)
+            block = (
+                model.get_submodule(site.local_name.rsplit(".", 1)[0])
+                if site and "." in site.local_name
+                else None
+            )
+            if block is None or type(block).__name__ != "BasicTransformerBlock":
+                raise ValueError(
+                    f"{site.name if site else module}: not inside a BasicTransformerBlock, so its block input is unknown"
+                )
+
+            def hook(_block, args, kwargs, module=module):
+                seen(module, args[0] if args else kwargs["hidden_states"])
+
+            hooks.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+
+        def undo():
+            for handle in hooks:
+                handle.remove()
+
+        return undo
+
     def classify(self, name: str, module: torch.nn.Module, processor):
         if type(module) is not Attention or not ATTENTION.reproduces(processor):
             return None

@@ -32,12 +32,15 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from ..context import site_of
 from ..families.base import AttnCall, unflatten_heads
 from ..kernels import best_match, dense_attention
+from ..kernels.dispatch import log_once
 from ..layout import Role, downsampled_grid
 from .base import AttentionMethod, check_choice, check_number, dense
 
 logger = logging.getLogger("attnpack")
+MATCH_ON = ("block_input", "normed")
 
 # The AgentSD README's settings per model: SDXL has no attention at the latent's resolution, SD 2.x needs
 # the Q/A/K products in float32.
@@ -186,7 +189,10 @@ class AgentAttention(AttentionMethod):
     """AgentSD for UNet self-attention. Stage 1 (`ratio`, `agent_ratio`, `sx`, `sy`) runs until the
     fraction `late_start` of the steps, stage 2 (`late_*`) after; `late_start=1` keeps stage 1 throughout.
     `max_downsample`: 1 for SD 1.5 / 2.x, 2 for SDXL. `fp32` runs the agent products in float32 (SD 2.x).
-    `use_rand` picks each cell's destination at random, seeded by `seed`, the step and the layer."""
+    `use_rand` picks each cell's destination at random, seeded by `seed`, the step and the layer.
+    `match_on`: what the token matching compares: "block_input", the transformer block's input before its
+    norm, as AgentSD's patch (after ToMeSD) does, or "normed", the normed states the attention reads; both
+    merge the normed states."""
 
     ratio: float = 0.4
     agent_ratio: float = 0.95
@@ -203,6 +209,7 @@ class AgentAttention(AttentionMethod):
     fp32: bool = False
     use_rand: bool = True
     seed: int = 0
+    match_on: str = "block_input"
 
     name: ClassVar[str] = "agent"
     families: ClassVar[tuple[str, ...]] = ("unet",)
@@ -225,6 +232,7 @@ class AgentAttention(AttentionMethod):
         check_number(owner, "seed", self.seed, low=0, integer=True)
         check_choice(owner, "fp32", self.fp32, (True, False))
         check_choice(owner, "use_rand", self.use_rand, (True, False))
+        check_choice(owner, "match_on", self.match_on, MATCH_ON)
 
     @classmethod
     def preset(cls, model: str, **overrides) -> AgentAttention:
@@ -247,7 +255,41 @@ class AgentAttention(AttentionMethod):
             return early
         return (self.late_ratio, self.late_agent_ratio, self.late_sx, self.late_sy)
 
+    def install(self, processors, denoisers):
+        """With match_on="block_input": watch the block inputs of the layers it acts on (their family's hook)."""
+        if self.match_on != "block_input":
+            return None
+        by_denoiser: dict[str, list] = {}
+        for module in processors:
+            site = site_of(module)
+            if site is not None and self.acts_on(site.family.name, site.role):
+                by_denoiser.setdefault(site.denoiser, []).append(module)
+        undo = []
+        for name, modules in by_denoiser.items():
+            site = site_of(modules[0])
+            state = site.context.state_for(self, dict)
+
+            def seen(module, hidden_states, state=state):
+                state[module] = hidden_states
+
+            undo.append(site.family.watch_block_inputs(denoisers[name], modules, seen))
+        return lambda: [step() for step in reversed(undo)]
+
+    def _metric(self, attn, site, hidden_states):
+        """What the matching compares, per `match_on`."""
+        if self.match_on == "normed":
+            return hidden_states
+        block_input = site.context.state_for(self, dict).pop(attn, None)
+        if block_input is not None and block_input.shape == hidden_states.shape:
+            return block_input
+        log_once(
+            f"AgentAttention(match_on='block_input'): the block input of {site.name} was not seen (installed "
+            "with set_attn_processor rather than attnpack.apply?); matching on the normed states there"
+        )
+        return hidden_states
+
     def before_projection(self, attn, site, hidden_states, encoder_hidden_states, attention_mask):
+        metric = self._metric(attn, site, hidden_states) if site is not None else hidden_states
         plain_self_attention = (
             encoder_hidden_states is None
             and attention_mask is None
@@ -273,7 +315,7 @@ class AgentAttention(AttentionMethod):
                 (self.seed * 1_000_003 + step * 1_009 + site.index) % 2**63
             )
         plan = plan_merge(
-            hidden_states, level, sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio, generator=generator
+            metric, level, sx=sx, sy=sy, ratio=ratio, agent_ratio=agent_ratio, generator=generator
         )
         if plan is None:
             return hidden_states, encoder_hidden_states, None
