@@ -275,6 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     evaluate.add_argument(
         "--dino-model", default=None, help=f"DINO id or folder for similarity (e.g. {DINO_ID})"
     )
+    evaluate.add_argument(
+        "--lpips", action="store_true", help="also LPIPS to the dense outputs (needs torchvision and weights)"
+    )
+    evaluate.add_argument(
+        "--lpips-net", choices=("alex", "vgg", "squeeze"), default="alex", help="LPIPS network"
+    )
+    for name, what in (("fid", "FID, Inception v3"), ("kid", "KID, Inception v3"), ("fvd", "FVD, I3D")):
+        evaluate.add_argument(
+            f"--{name}", action="store_true", help=f"also {what}: each method's outputs to the dense ones"
+        )
+    evaluate.add_argument("--fvd-model", metavar="PATH", help="with --fvd: the I3D file (i3d_torchscript.pt)")
     evaluate.add_argument("--overwrite", action="store_true")
     evaluate.add_argument(
         "--toy", action="store_true", help="measure every method on the shipped toy models (held-out world "
@@ -541,7 +552,13 @@ def _eval(args) -> int:
 
     if args.toy:
         return _eval_toy(args)
-    models = {"clip_model": args.clip_model, "dino_model": args.dino_model}
+    models = {
+        "clip_model": args.clip_model,
+        "dino_model": args.dino_model,
+        "lpips_net": args.lpips_net if args.lpips else None,
+        "sets": tuple(name for name in ("fid", "kid", "fvd") if getattr(args, name)),
+        "video_features": args.fvd_model,
+    }
     try:
         if args.prompts:
             if not (args.preset and args.method):
@@ -557,7 +574,8 @@ def _eval(args) -> int:
     except (ValueError, OSError, FileExistsError, MetricModelUnavailable, ModelUnavailable) as error:
         sys.stderr.write(f"attnpack eval: {error}\n")
         return 2
-    sys.stdout.write(f"scored {len(rows)} outputs; wrote {', '.join(map(str, written))}\n")
+    scored = sum("thumbnail" in row for row in rows)  # the rest: per-method set distances
+    sys.stdout.write(f"scored {scored} outputs; wrote {', '.join(map(str, written))}\n")
     return 0
 
 

@@ -1,16 +1,20 @@
 """Quality metrics for images and videos: fidelity to the dense run, text and reference alignment, video
-dynamics, trajectory adherence, subject consistency.
+dynamics and consistency, distribution distances between sets (FID, KID, FVD), trajectory adherence,
+subject consistency.
 
 Images and frames are uint8 arrays (H, W, 3) or (F, H, W, 3). Metrics that need a model (CLIP, DINO,
-LPIPS) load it by id through transformers / torchmetrics; an id that cannot be loaded (offline, missing)
-raises `MetricModelUnavailable` naming it.
+LPIPS, Inception, I3D) load it by id through transformers / torchmetrics / torch hub; a model that cannot be
+loaded (offline, missing, a package not installed) raises `MetricModelUnavailable` naming it and how to get
+it. Every consistency-type score is higher-is-better.
 """
 
 from __future__ import annotations
 
 import functools
 import itertools
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -18,6 +22,11 @@ import torch.nn.functional as F
 
 CLIP_MODEL = "openai/clip-vit-base-patch32"
 DINO_MODEL = "facebook/dinov2-small"
+VBENCH_DINO_MODEL = "facebook/dino-vitb16"  # VBench's subject consistency: DINO ViT-B/16
+PSNR_CAP = 100.0  # dB: reports show identical outputs (infinite PSNR) at this value
+I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"  # StyleGAN-V's FVD detector
+I3D_FILE = "i3d_torchscript.pt"
+INCEPTION_FILE = "pt_inception-2015-12-05-6726825d.pth"  # torch-fidelity's FID Inception v3
 
 Box = tuple[float, float, float, float]  # y1, y2, x1, x2 in [0, 1] (the trajectory format)
 
@@ -34,31 +43,55 @@ def _frames(video) -> np.ndarray:
 # ---- fidelity to the dense run
 
 
-def psnr(a, b) -> float:
-    """Peak signal-to-noise ratio in dB of two uint8 images or videos; inf when identical."""
+def psnr(a, b, cap: float | None = None) -> float:
+    """Peak signal-to-noise ratio in dB of two uint8 images or videos (peak 255, MSE over every pixel and
+    channel); inf when identical, or `cap` when given (reports use PSNR_CAP, 100 dB)."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     _same_shape(a, b)
     mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    value = float("inf") if mse == 0 else float(10 * np.log10(255.0**2 / mse))
+    return value if cap is None else min(value, cap)
 
 
 def ssim(a, b) -> float:
-    """Structural similarity (Gaussian window 11, σ 1.5, on luminance of each frame), mean over frames."""
+    """Structural similarity on R, G and B, equal to torchmetrics' `structural_similarity_index_measure`
+    (data_range=255): Gaussian window 11, σ 1.5, K1 0.01, K2 0.03, borders reflected, mean over channels and
+    every pixel, then over frames. 1 when identical, higher is closer (<= 1). scikit-image's
+    `structural_similarity(channel_axis=-1, gaussian_weights=True, use_sample_covariance=False)` leaves the
+    5-pixel border out instead (a few 1e-3 apart on small images)."""
     a, b = _frames(a), _frames(b)
     _same_shape(a, b)
-    scores = [_ssim_gray(_gray(x), _gray(y)) for x, y in zip(a, b, strict=True)]
-    return float(np.mean(scores))
+    return float(_ssim_index(_chw(a), _chw(b)).mean())
 
 
-def _ssim_gray(x: np.ndarray, y: np.ndarray) -> float:
+def ssim_luma(a, b) -> float:
+    """SSIM as `ssim` on luminance (0.299 R + 0.587 G + 0.114 B) of each frame, mean over frames; reads higher
+    than RGB SSIM where the errors are in colour (JPEG chroma)."""
+    a, b = _frames(a), _frames(b)
+    _same_shape(a, b)
+    luma = lambda v: torch.from_numpy(np.stack([_gray(f) for f in v]))[:, None]  # noqa: E731
+    return float(_ssim_index(luma(a), luma(b)).mean())
+
+
+def _chw(frames: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.array(frames, np.float64)).permute(0, 3, 1, 2)
+
+
+def _ssim_index(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per image, the mean SSIM index of (N, C, H, W) tensors in 0-255 (each channel on its own), as
+    torchmetrics computes it."""
     c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
-    window = _gaussian_window(11, 1.5)
-    blur = lambda t: F.conv2d(t, window, padding=5)  # noqa: E731
-    tx, ty = (torch.from_numpy(v)[None, None].double() for v in (x, y))
-    mx, my = blur(tx), blur(ty)
-    sxx, syy, sxy = blur(tx * tx) - mx**2, blur(ty * ty) - my**2, blur(tx * ty) - mx * my
+    channels = x.shape[1]
+    window = _gaussian_window(11, 1.5).expand(channels, 1, 11, 11)
+    mode = "reflect" if min(x.shape[-2:]) > 5 else "replicate"
+    pad = lambda t: F.pad(t.double(), (5, 5, 5, 5), mode=mode)  # noqa: E731
+    blur = lambda t: F.conv2d(t, window, groups=channels)  # noqa: E731
+    x, y = pad(x), pad(y)
+    mx, my = blur(x), blur(y)
+    sxx, syy = (blur(x * x) - mx**2).clamp(min=0), (blur(y * y) - my**2).clamp(min=0)
+    sxy = blur(x * y) - mx * my
     value = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
-    return float(value[..., 5:-5, 5:-5].mean() if min(x.shape) > 10 else value.mean())
+    return value.flatten(1).mean(-1)
 
 
 @functools.lru_cache(maxsize=4)
@@ -68,20 +101,204 @@ def _gaussian_window(size: int, sigma: float) -> torch.Tensor:
     return (g[:, None] * g[None, :])[None, None]
 
 
-def lpips(a, b, net: str = "alex") -> float:
-    """LPIPS (torchmetrics, which needs torchvision and the `net` weights), mean over frames."""
+def lpips(a, b, net: str | Callable = "alex") -> float:
+    """LPIPS (Zhang et al. 2018, torchmetrics' `LearnedPerceptualImagePatchSimilarity`), mean over frames;
+    0 when identical, lower is closer. `net`: "alex" (the paper's default), "vgg" or "squeeze" (these need
+    torchvision and its backbone weights), or a module taking two (N, 3, H, W) batches in [-1, 1] and
+    returning N distances."""
+    network = _lpips_network(net) if isinstance(net, str) else net
+    x, y = (
+        torch.from_numpy(np.array(_frames(v), np.float32)).permute(0, 3, 1, 2) / 127.5 - 1 for v in (a, b)
+    )
+    if x.shape != y.shape:
+        raise ValueError(f"the outputs to compare differ in shape: {np.shape(a)} and {np.shape(b)}")
+    with torch.no_grad():
+        return float(torch.as_tensor(network(x, y)).float().mean())
+
+
+@functools.lru_cache(maxsize=3)
+def _lpips_network(net: str):
+    if net not in ("alex", "vgg", "squeeze"):
+        raise ValueError(f"LPIPS net {net!r} is not one of 'alex', 'vgg', 'squeeze'")
     try:
         from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 
-        metric = LearnedPerceptualImagePatchSimilarity(net_type=net, normalize=True)
+        return LearnedPerceptualImagePatchSimilarity(net_type=net).net.eval()
     except Exception as error:
         raise MetricModelUnavailable(
-            f"LPIPS ({net!r} weights) cannot be loaded: {str(error).splitlines()[0] if str(error) else type(error).__name__}. "
-            "It needs `pip install torchmetrics torchvision lpips` and the weights downloaded once while online"
+            f"LPIPS ({net!r} weights) cannot be loaded: {_first_line(error)}. It needs `pip install "
+            "torchmetrics torchvision` (a torchvision built for this torch) and the backbone weights downloaded "
+            "once while online"
         ) from error
-    a, b = (torch.from_numpy(_frames(x)).permute(0, 3, 1, 2).float() / 255 for x in (a, b))
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+# ---- distances between sets: FID, KID (images), FVD (videos)
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
+    """Fréchet distance of two Gaussians, ||mu1 - mu2||² + Tr(S1 + S2 - 2 (S1 S2)^½), in float64 (the trace
+    of the root as the sum of the square roots of the eigenvalues of S1 S2, as torchmetrics computes it)."""
+    mu1, sigma1, mu2, sigma2 = (
+        torch.as_tensor(np.asarray(v), dtype=torch.float64) for v in (mu1, sigma1, mu2, sigma2)
+    )
+    root_trace = torch.linalg.eigvals(sigma1 @ sigma2).sqrt().real.sum()
+    return float((mu1 - mu2).square().sum() + sigma1.trace() + sigma2.trace() - 2 * root_trace)
+
+
+def gaussian_statistics(features) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and covariance (unbiased, N - 1) of features (N, D); N >= 2."""
+    features = np.asarray(features, np.float64)
+    if features.ndim != 2 or len(features) < 2:
+        raise ValueError(f"features have shape {features.shape}; give (N, D) with N >= 2 samples")
+    return features.mean(0), np.cov(features, rowvar=False).reshape(features.shape[1], features.shape[1])
+
+
+def fid(images: Sequence, reference: Sequence, feature: torch.nn.Module | None = None) -> float:
+    """Fréchet Inception Distance (Heusel et al. 2017) of `images` to `reference`, by torchmetrics'
+    `FrechetInceptionDistance`: Gaussians fitted to Inception v3 pool features (2048, torch-fidelity's port of
+    the TF FID network), Fréchet distance. Each item is an image (H, W, 3) or frames (F, H, W, 3), every frame
+    counting as an image; >= 2 images a set. 0 for identical sets, lower is closer; papers use 10k-50k images,
+    small sets read higher. `feature`: a module mapping uint8 (N, 3, H, W) to (N, D) in place of Inception."""
+    metric = _set_metric("fid", feature)
+    _update(metric, images, reference)
+    if metric.real_features_num_samples < 2 or metric.fake_features_num_samples < 2:
+        raise ValueError("FID needs at least 2 images in each set")
+    return float(metric.compute())
+
+
+def kid(images: Sequence, reference: Sequence, feature: torch.nn.Module | None = None, subsets: int = 100,
+        subset_size: int | None = None) -> dict[str, float]:  # fmt: skip
+    """Kernel Inception Distance (Bińkowski et al. 2018) by torchmetrics' `KernelInceptionDistance`: the
+    unbiased MMD² with a cubic polynomial kernel on Inception features, mean and std over `subsets` random
+    subsets of `subset_size` (default min(1000, the smaller set)), seeded. 0 (can dip below) for identical
+    sets, lower is closer; papers often print it x 1000. Inputs and `feature` as in `fid`."""
+    count = min(_count(images), _count(reference))
+    size = subset_size or min(1000, count)
+    if count < 2 or size > count:
+        raise ValueError(
+            f"KID subset_size {size} needs at least that many (and >= 2) images in each set; has {count}"
+        )
+    metric = _set_metric("kid", feature, subsets=subsets, subset_size=size)
+    _update(metric, images, reference)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        mean, std = metric.compute()
+    return {"mean": float(mean), "std": float(std)}
+
+
+def _count(items: Sequence) -> int:
+    return sum(len(_frames(item)) for item in items)
+
+
+def _update(metric, images: Sequence, reference: Sequence) -> None:
     with torch.no_grad():
-        return float(metric(a, b))
+        for items, real in ((reference, True), (images, False)):
+            for item in items:
+                frames = torch.from_numpy(np.array(_frames(item))).permute(0, 3, 1, 2)
+                for chunk in frames.split(32):
+                    metric.update(chunk, real=real)
+
+
+def _set_metric(kind: str, feature, **options):
+    try:
+        if kind == "fid":
+            from torchmetrics.image.fid import FrechetInceptionDistance as Metric
+        else:
+            from torchmetrics.image.kid import KernelInceptionDistance as Metric
+    except ImportError as error:
+        raise MetricModelUnavailable(
+            f"{kind.upper()} needs torchmetrics: `pip install torchmetrics`"
+        ) from error
+    if feature is not None:
+        return Metric(feature=feature, **options)
+    cached = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    try:
+        if _offline() and not cached.exists():
+            raise FileNotFoundError(f"offline (HF_HUB_OFFLINE) and {str(cached)!r} is not there")
+        return Metric(feature=2048, **options)
+    except Exception as error:
+        raise MetricModelUnavailable(
+            f"{kind.upper()}'s Inception v3 ({INCEPTION_FILE}) cannot be loaded: {_first_line(error)}. It "
+            "needs `pip install torch-fidelity` (with a torchvision built for this torch) and the weights downloaded "
+            f"once while online (to {cached.parent}), or pass `feature=` a feature module"
+        ) from error
+
+
+def fvd(videos: Sequence, reference: Sequence, feature: Callable | str | None = None) -> float:
+    """Fréchet Video Distance (Unterthiner et al. 2018) of `videos` to `reference`: the Fréchet distance of
+    Gaussians fitted to I3D (Kinetics-400) features of each whole video, with StyleGAN-V's TorchScript port of
+    the TF-Hub I3D (`i3d_model`; 400 logits, frames resized so the short side is 224, centre crop, [-1, 1]) as
+    used by StyleGAN-V and common video-metric code. >= 2 videos a set; 0 for identical sets, lower is closer;
+    papers use 16-frame clips and 2048 videos. `feature`: an I3D file path, or a callable mapping
+    (N, 3, T, 224, 224) in [-1, 1] to (N, D)."""
+    if len(videos) < 2 or len(reference) < 2:
+        raise ValueError(f"FVD needs at least 2 videos in each set; has {len(videos)} and {len(reference)}")
+    return frechet_distance(
+        *gaussian_statistics(video_features(videos, feature)),
+        *gaussian_statistics(video_features(reference, feature)),
+    )
+
+
+def video_features(videos: Sequence, feature: Callable | str | None = None) -> np.ndarray:
+    """I3D features (N, D) of videos (F, H, W, 3), one each (see `fvd`)."""
+    network = i3d_model(feature) if feature is None or isinstance(feature, str | Path) else feature
+    rows = []
+    with torch.no_grad():
+        for video in videos:
+            frames = _frames(video)
+            if len(frames) < 2:
+                raise ValueError(f"FVD scores videos; got a single image of shape {np.shape(video)}")
+            rows.append(torch.as_tensor(network(_i3d_input(frames))).double().reshape(1, -1))
+    return torch.cat(rows).numpy()
+
+
+def _i3d_input(frames: np.ndarray, side: int = 224) -> torch.Tensor:
+    video = torch.from_numpy(np.array(frames, np.float32)).permute(0, 3, 1, 2) / 255  # T, C, H, W
+    height, width = video.shape[-2:]
+    scale = side / min(height, width)
+    size = (max(side, round(height * scale)), max(side, round(width * scale)))
+    video = F.interpolate(video, size=size, mode="bilinear", align_corners=False)
+    top, left = (size[0] - side) // 2, (size[1] - side) // 2
+    video = video[..., top : top + side, left : left + side]
+    return ((video - 0.5) * 2).permute(1, 0, 2, 3)[None].contiguous()  # 1, C, T, H, W
+
+
+class _I3D(torch.nn.Module):
+    def __init__(self, detector):
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, videos: torch.Tensor) -> torch.Tensor:
+        return self.detector(videos, rescale=False, resize=False, return_features=True)
+
+
+@functools.lru_cache(maxsize=2)
+def i3d_model(path: str | Path | None = None) -> torch.nn.Module:
+    """FVD's I3D detector (StyleGAN-V's `i3d_torchscript.pt`) from `path`, or from the torch hub cache, where it
+    is downloaded from I3D_URL once unless offline (HF_HUB_OFFLINE)."""
+    file = Path(path) if path else Path(torch.hub.get_dir()) / "checkpoints" / I3D_FILE
+    try:
+        if not file.exists():
+            if path or _offline():
+                raise FileNotFoundError(
+                    f"{str(file)!r} does not exist" + ("" if path else " (offline: HF_HUB_OFFLINE)")
+                )
+            file.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(I3D_URL, str(file))
+        return _I3D(torch.jit.load(str(file), map_location="cpu").eval())
+    except Exception as error:
+        raise MetricModelUnavailable(
+            f"FVD's I3D detector ({I3D_FILE}) cannot be loaded: {_first_line(error)}. Download it while online "
+            f"({I3D_URL}) to {file.parent if not path else file} or pass its path"
+        ) from error
 
 
 def _gray(image: np.ndarray) -> np.ndarray:
@@ -145,26 +362,44 @@ def reference_similarity(image, reference, model_id: str = DINO_MODEL, kind: str
     return float(embeddings[0] @ embeddings[1])
 
 
-# ---- video dynamics
+# ---- video dynamics and consistency (consistency scores: higher is better)
 
 
-def flicker(video) -> float:
-    """Mean absolute difference of consecutive frames (0 for a still video)."""
+def temporal_flickering(video) -> float:
+    """VBench's temporal flickering: (255 - mean absolute difference of consecutive frames) / 255, 0-1,
+    1 for a still video, higher is steadier (VBench scores it on static-scene prompts)."""
+    return (255.0 - frame_difference(video)) / 255.0
+
+
+def frame_difference(video) -> float:
+    """Mean absolute difference of consecutive frames, 0-255 (0 for a still video): motion plus flicker."""
     frames = _frames(video).astype(np.float64)
     return 0.0 if len(frames) < 2 else float(np.abs(np.diff(frames, axis=0)).mean())
 
 
+def flicker(video) -> float:
+    """Deprecated: `frame_difference` (the same 0-255 value), or `temporal_flickering` (VBench's 0-1 score)."""
+    import warnings
+
+    warnings.warn(
+        "attnpack.eval.flicker is frame_difference now (the same value); VBench's score is temporal_flickering",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return frame_difference(video)
+
+
 def optical_flow(a, b) -> np.ndarray:
-    """Dense Farneback flow (H, W, 2) from frame a to frame b (OpenCV)."""
+    """Dense optical flow (H, W, 2) from frame a to frame b, in pixels (OpenCV DIS, medium preset, luma)."""
     import cv2
 
-    return cv2.calcOpticalFlowFarneback(
-        _gray(a).astype(np.uint8), _gray(b).astype(np.uint8), None, 0.5, 3, 15, 3, 5, 1.2, 0
-    )
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)
+    return dis.calc(_gray(a).round().astype(np.uint8), _gray(b).round().astype(np.uint8), None)
 
 
 def dynamic_degree(video) -> float:
-    """Mean optical-flow magnitude between consecutive frames, in pixels."""
+    """Mean optical-flow magnitude between consecutive frames, in pixels (not VBench's dynamic degree, which is
+    a yes / no per video from RAFT flow)."""
     frames = _frames(video)
     if len(frames) < 2:
         return 0.0
@@ -174,30 +409,44 @@ def dynamic_degree(video) -> float:
 
 
 def motion_smoothness(video) -> float:
-    """Mean absolute error (0-255) of each middle frame predicted from its neighbours by warping along half the
-    optical flow (lower is smoother)."""
+    """VBench's motion smoothness with optical-flow interpolation in place of its AMT network: each odd frame
+    is interpolated from its neighbours (each warped half-way along the flow between them, `optical_flow`,
+    averaged) and compared with the real one; (255 - mean absolute error) / 255, 0-1, higher is smoother.
+    Needs >= 3 frames."""
     import cv2
 
     frames = _frames(video)
     if len(frames) < 3:
-        return 0.0
+        raise ValueError(f"motion smoothness needs at least 3 frames; the video has {len(frames)}")
     errors = []
     height, width = frames.shape[1:3]
     grid_x, grid_y = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    for previous, middle, following in zip(frames, frames[1:], frames[2:], strict=False):
-        flow = optical_flow(previous, following)
-        map_x, map_y = grid_x - 0.5 * flow[..., 0], grid_y - 0.5 * flow[..., 1]
-        predicted = cv2.remap(previous, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-        errors.append(np.abs(predicted.astype(np.float64) - middle.astype(np.float64)).mean())
-    return float(np.mean(errors))
+
+    def halfway(source, flow):
+        return cv2.remap(source, grid_x - 0.5 * flow[..., 0], grid_y - 0.5 * flow[..., 1], cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_REPLICATE).astype(np.float64)  # fmt: skip
+
+    for i in range(1, len(frames) - 1, 2):
+        previous, middle, following = frames[i - 1], frames[i], frames[i + 1]
+        predicted = 0.5 * (
+            halfway(previous, optical_flow(previous, following))
+            + halfway(following, optical_flow(following, previous))
+        )
+        errors.append(np.abs(np.clip(predicted.round(), 0, 255) - middle.astype(np.float64)).mean())
+    return float((255.0 - np.mean(errors)) / 255.0)
 
 
-def subject_consistency(video, model_id: str = DINO_MODEL, kind: str = "dino") -> dict[str, float]:
-    """Cosine of each frame's embedding to the first and to the previous frame, means."""
+def subject_consistency(video, model_id: str = VBENCH_DINO_MODEL, kind: str = "dino") -> float:
+    """VBench's subject consistency: for each frame after the first, the mean of its cosine to the previous and
+    to the first frame (each clamped at 0), averaged over those frames; DINO CLS features (VBench: DINO
+    ViT-B/16, the default here; frames prepared by the model's own processor, where VBench resizes the short
+    side to 224). 0-1, 1 for identical frames, higher is more consistent."""
     embeddings = image_embeddings(list(_frames(video)), model_id, kind)
-    to_first = (embeddings[1:] @ embeddings[0]).mean()
-    to_previous = (embeddings[1:] * embeddings[:-1]).sum(-1).mean()
-    return {"to_first": float(to_first), "to_previous": float(to_previous)}
+    if len(embeddings) < 2:
+        raise ValueError("subject consistency needs at least 2 frames")
+    to_first = (embeddings[1:] @ embeddings[0]).clamp(min=0)
+    to_previous = (embeddings[1:] * embeddings[:-1]).sum(-1).clamp(min=0)
+    return float(((to_first + to_previous) / 2).mean())
 
 
 # ---- trajectories and subjects

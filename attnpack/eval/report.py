@@ -39,18 +39,29 @@ def read_output(path: str | Path) -> np.ndarray:
     return np.stack(frames)
 
 
+SET_METRICS = ("fid", "kid", "fvd")
+
+
 def score(frames: np.ndarray, *, dense: np.ndarray | None = None, prompt: str | None = None,
           clip_model: str | None = None, dino_model: str | None = None, trajectory: list | None = None,
-          finder=None, subjects: list | None = None) -> dict[str, Any]:  # fmt: skip
-    """Every metric that applies. Models are used only when their ids are given."""
+          finder=None, subjects: list | None = None, lpips_net=None) -> dict[str, Any]:  # fmt: skip
+    """Every metric that applies. Models are used only when their ids are given (`lpips_net`: "alex", "vgg",
+    "squeeze" or a network, see `metrics.lpips`). PSNR is capped at PSNR_CAP (100 dB) so that identical
+    outputs count, as SSIM 1 does, in the summaries."""
     result: dict[str, Any] = {"frames": len(frames)}
     if dense is not None:
-        result.update(psnr=metrics.psnr(frames, dense), ssim=metrics.ssim(frames, dense))
+        result.update(
+            psnr=metrics.psnr(frames, dense, cap=metrics.PSNR_CAP), ssim=metrics.ssim(frames, dense)
+        )
+        if lpips_net is not None:
+            result["lpips"] = metrics.lpips(frames, dense, lpips_net)
     if clip_model and prompt:
         result["clip_score"] = metrics.clip_score(list(frames), prompt, clip_model)
     if len(frames) > 1:
-        result.update(flicker=metrics.flicker(frames), motion_smoothness=metrics.motion_smoothness(frames),
+        result.update(temporal_flickering=metrics.temporal_flickering(frames),
                       dynamic_degree=metrics.dynamic_degree(frames))  # fmt: skip
+        if len(frames) > 2:
+            result["motion_smoothness"] = metrics.motion_smoothness(frames)
         if dino_model:
             result["subject_consistency"] = metrics.subject_consistency(frames, dino_model)
     if trajectory is not None:
@@ -72,10 +83,41 @@ def score(frames: np.ndarray, *, dense: np.ndarray | None = None, prompt: str | 
     return result
 
 
-def evaluate_manifest(manifest: str | Path, *, clip_model=None, dino_model=None) -> list[dict]:
+def score_sets(outputs: dict[str, list], dense: dict[str, list], names=SET_METRICS, *, image_features=None,
+               video_features=None) -> list[dict]:  # fmt: skip
+    """Distances between each method's outputs and the dense outputs of the same prompts and seeds: one row per
+    method, {"method", "outputs", "reference": "dense", "metrics": {"fid", "kid": {"mean", "std"}, "fvd"}}.
+    `image_features` / `video_features`: feature networks in place of Inception / I3D (see `metrics.fid`,
+    `metrics.fvd`); FVD applies to videos only."""
+    unknown = [n for n in names if n not in SET_METRICS]
+    if unknown:
+        raise ValueError(f"set metrics {unknown} are not among {list(SET_METRICS)}")
+    rows = []
+    for method, frames in outputs.items():
+        reference = dense.get(method, [])
+        if len(reference) != len(frames):
+            raise ValueError(
+                f"method {method!r}: {len(frames)} outputs but {len(reference)} with a dense output; FID / KID / FVD "
+                "compare a method's outputs with the dense ones, so every entry needs 'dense'"
+            )
+        scores: dict[str, Any] = {}
+        if "fid" in names:
+            scores["fid"] = metrics.fid(frames, reference, image_features)
+        if "kid" in names:
+            scores["kid"] = metrics.kid(frames, reference, image_features)
+        if "fvd" in names:
+            if any(len(f) < 2 for f in frames):
+                raise ValueError(f"method {method!r}: FVD scores videos, and some outputs are images")
+            scores["fvd"] = metrics.fvd(frames, reference, video_features)
+        rows.append({"method": method, "outputs": len(frames), "reference": "dense", "metrics": scores})
+    return rows
+
+
+def evaluate_manifest(manifest: str | Path, *, clip_model=None, dino_model=None, lpips_net=None, sets=(),
+                      image_features=None, video_features=None) -> list[dict]:  # fmt: skip
     """Score each entry of a manifest: a JSON list of {"output", "dense"?, "prompt"?, "method"?, "seed"?,
     "trajectory"?, "colour"? (for the built-in box finder), "subjects"? (with "reference" image paths)};
-    paths relative to the manifest."""
+    paths relative to the manifest. `sets` ("fid", "kid", "fvd") adds one row per method (`score_sets`)."""
     path = Path(manifest)
     if path.is_dir():
         path = path / "manifest.json"
@@ -86,6 +128,8 @@ def evaluate_manifest(manifest: str | Path, *, clip_model=None, dino_model=None)
     if not isinstance(entries, list):
         raise ValueError(f"manifest {str(path)!r} must hold a list of entries")
     root, rows = path.parent, []
+    outputs: dict[str, list] = {}
+    denses: dict[str, list] = {}
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "output" not in entry:
             raise ValueError(f"manifest entry {i} must be an object with an 'output' path")
@@ -96,20 +140,31 @@ def evaluate_manifest(manifest: str | Path, *, clip_model=None, dino_model=None)
             raise ValueError(f"manifest entry {i}: a trajectory needs 'colour' for the built-in box finder")
         subjects = [dict(s, reference=str(root / s["reference"])) for s in entry.get("subjects", [])] or None
         scores = score(frames, dense=dense, prompt=entry.get("prompt"), clip_model=clip_model, dino_model=dino_model,
-                       trajectory=entry.get("trajectory"), finder=finder, subjects=subjects)  # fmt: skip
+                       trajectory=entry.get("trajectory"), finder=finder, subjects=subjects,
+                       lpips_net=lpips_net)  # fmt: skip
         rows.append({**{k: entry[k] for k in ("output", "dense", "prompt", "method", "seed") if k in entry},
                      "metrics": scores, "thumbnail": _thumbnail(frames[0])})  # fmt: skip
+        if sets:
+            outputs.setdefault(entry.get("method", "output"), []).append(frames)
+            if dense is not None:
+                denses.setdefault(entry.get("method", "output"), []).append(dense)
+    if sets:
+        rows += score_sets(
+            outputs, denses, sets, image_features=image_features, video_features=video_features
+        )
     return rows
 
 
 def run_batch(prompts: list[str], *, preset: str, method: str, params: dict | None = None, seeds=(0,),
-              out: str | Path, clip_model=None, dino_model=None, overwrite: bool = False) -> list[dict]:  # fmt: skip
-    """Generate dense and with the method for each prompt x seed (one pipeline), score, write files."""
+              out: str | Path, clip_model=None, dino_model=None, overwrite: bool = False, lpips_net=None,
+              sets=(), image_features=None, video_features=None) -> list[dict]:  # fmt: skip
+    """Generate dense and with the method for each prompt x seed (one pipeline), score, write files; `sets`
+    ("fid", "kid", "fvd") adds the method's row of distances to the dense outputs (`score_sets`)."""
     from ..pipelines import generate, load_preset, save
 
     out = Path(out)
     pipe = load_preset(preset)
-    rows = []
+    rows, outputs, denses = [], [], []
     for p, prompt in enumerate(prompts):
         for seed in seeds:
             result = generate(
@@ -120,10 +175,16 @@ def run_batch(prompts: list[str], *, preset: str, method: str, params: dict | No
             saved = save(_alone(result, result.frames), out / f"{name}-{method}{suffix}", overwrite=overwrite)
             save(_alone(result, result.dense_frames), out / f"{name}-dense{suffix}", overwrite=overwrite)
             frames, dense = np.stack(result.frames), np.stack(result.dense_frames)
-            scores = score(frames, dense=dense, prompt=prompt, clip_model=clip_model, dino_model=dino_model)
+            scores = score(frames, dense=dense, prompt=prompt, clip_model=clip_model, dino_model=dino_model,
+                           lpips_net=lpips_net)  # fmt: skip
             scores.update(seconds=result.seconds, dense_seconds=result.dense_seconds, speedup=result.speedup)
             rows.append({"prompt": prompt, "seed": seed, "method": method, "output": saved[0].name,
                          "metrics": scores, "thumbnail": _thumbnail(frames[0])})  # fmt: skip
+            outputs.append(frames)
+            denses.append(dense)
+    if sets:
+        rows += score_sets({method: outputs}, {method: denses}, sets, image_features=image_features,
+                           video_features=video_features)  # fmt: skip
     return rows
 
 
@@ -136,7 +197,9 @@ def _alone(result, frames):
 def write_report(
     rows: list[dict], out: str | Path, *, title: str = "attnpack evaluation", overwrite: bool = False
 ) -> list[Path]:
-    """report.json and report.html (summary by method, a table per output with thumbnails, a plot)."""
+    """report.json and report.html (summary by method, a table per output with thumbnails, the set distances
+    per method, a plot). The summary is the mean of each finite number per method: PSNR arrives capped at
+    PSNR_CAP, so identical outputs count (as SSIM 1 does); a NaN (nothing found) is left out."""
     from ..bench.report import write_atomically
 
     out = Path(out)
@@ -202,7 +265,7 @@ def _plot(summary: dict) -> str:
 
     names = [
         n
-        for n in ("psnr", "ssim", "clip_score", "flicker", "speedup")
+        for n in ("psnr", "ssim", "lpips", "clip_score", "temporal_flickering", "fid", "fvd", "speedup")
         if any(n in v for v in summary.values())
     ]
     figure, axes = plt.subplots(1, max(1, len(names)), figsize=(3 * max(1, len(names)), 2.6))
@@ -229,8 +292,13 @@ def _html(title: str, summary: dict, rows: list[dict]) -> str:
         + "</tr>"
         for m, v in summary.items()
     )
-    outputs = []
+    outputs, sets = [], []
     for row in rows:
+        if "thumbnail" not in row:  # a method's set distances (score_sets)
+            values = " ".join(f"{html.escape(k)} {cell(v)}" for k, v in _flat(row["metrics"]).items())
+            sets.append(f"<tr><td>{html.escape(str(row.get('method')))}</td><td>{row.get('outputs')}</td>"
+                        f"<td>{values}</td></tr>")  # fmt: skip
+            continue
         flat = _flat(row["metrics"])
         details = "".join(f"<tr><td>{html.escape(k)}</td><td>{cell(v)}</td></tr>" for k, v in flat.items())
         label = " · ".join(
@@ -239,9 +307,15 @@ def _html(title: str, summary: dict, rows: list[dict]) -> str:
         outputs.append(
             f'<div class="out"><img src="data:image/png;base64,{row["thumbnail"]}"><p>{label}</p><table>{details}</table></div>'
         )
+    sets_table = (
+        "<h2>Distances to the dense outputs (per method)</h2><table><tr><th>method</th><th>outputs</th>"
+        f"<th>FID / KID / FVD</th></tr>{''.join(sets)}</table>"
+        if sets
+        else ""
+    )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:24px}}table{{border-collapse:collapse;font-size:13px}}td,th{{border:1px solid #ccc;padding:3px 6px}}
 .out{{display:inline-block;vertical-align:top;margin:8px;width:300px}}.out img{{image-rendering:pixelated;max-width:160px}}</style></head>
 <body><h1>{html.escape(title)}</h1><h2>Summary (mean per method)</h2><table><tr><th>method</th>{head}</tr>{summary_rows}</table>
-<img src="data:image/png;base64,{_plot(summary)}"><h2>Outputs</h2>{"".join(outputs)}</body></html>
+{sets_table}<img src="data:image/png;base64,{_plot(summary)}"><h2>Outputs</h2>{"".join(outputs)}</body></html>
 """

@@ -17,7 +17,7 @@ import torch
 
 from ..training.toy_models import TOY_GEOMETRY, TOY_METHODS
 from ..training.world import PATHS, Sample, Thing, caption, parse_caption, pixels, sample
-from .metrics import flicker, psnr, ssim, trajectory_adherence
+from .metrics import frame_difference, psnr, ssim, trajectory_adherence
 from .shapes import main_object, mean_scores, object_finder, scene_adherence
 
 EVAL_SEED = 1_000_000  # training uses seeds below the recipe's sample count
@@ -195,7 +195,7 @@ def adherence_suite(pipe, kind: str, count: int, seed: int = EVAL_SEED) -> tuple
             outputs[name] = generate_toy(pipe, kind, captions, seeds, method=method)
         measures = score_outputs(kind, outputs[name], captions)
         if kind == "video":
-            measures["flicker"] = float(np.mean([flicker(o) for o in outputs[name]]))
+            measures["flicker"] = float(np.mean([frame_difference(o) for o in outputs[name]]))
         if name != "dense":
             measures |= fidelity(outputs[name], outputs["dense"])
         rows.append(_row(model, "adherence", name, measures, timer.seconds / count,
@@ -279,7 +279,7 @@ def long_video_suite(pipe, count: int, lengths=(33, 65), seed: int = EVAL_SEED) 
     def measures(videos, captions):
         scores = mean_scores([video_adherence(v, c) for v, c in zip(videos, captions, strict=True)])
         return {"identity": scores["shape"], "exact": scores["exact"], "background": scores["background"],
-                "flicker": float(np.mean([flicker(v) for v in videos]))}  # fmt: skip
+                "flicker": float(np.mean([frame_difference(v) for v in videos]))}  # fmt: skip
 
     call = {k: v for k, v in TOY_GEOMETRY["video"].call.items() if k != "num_frames"}
     samples = eval_samples("video", count, seed=seed)
