@@ -334,18 +334,17 @@ def run(source, *, output_dir: str | Path = ".", pipelines: dict | None = None) 
 
 
 def evaluate(result) -> dict[str, float]:
-    """PSNR against the dense result (when compared) and mean absolute frame difference (videos)."""
-    import numpy as np
+    """PSNR against the dense result (when compared; attnpack.eval's, infinite when identical) and, for
+    videos, VBench's temporal flickering (1 for a still video) and the raw mean frame difference (0-255)."""
+    from .eval.metrics import frame_difference, psnr, temporal_flickering
 
     report: dict[str, float] = {"seconds": result.seconds}
-    frames = np.stack(result.frames).astype(np.float64)
     if result.dense_frames is not None:
-        dense = np.stack(result.dense_frames).astype(np.float64)
-        mse = float(((frames - dense) ** 2).mean())
-        report["psnr_vs_dense"] = float("inf") if mse == 0 else float(10 * np.log10(255**2 / mse))
+        report["psnr_vs_dense"] = psnr(result.frames, result.dense_frames)
         report["speedup"] = result.speedup
-    if len(frames) > 1:
-        report["flicker"] = float(np.abs(np.diff(frames, axis=0)).mean())
+    if len(result.frames) > 1:
+        report["temporal_flickering"] = temporal_flickering(result.frames)
+        report["frame_difference"] = frame_difference(result.frames)
     return report
 
 
