@@ -18,7 +18,7 @@ import torch
 
 from ..api import STATE_ATTR, apply, attach, remove
 from ..families import family_of
-from ..methods.trajectory import TrajectoryRoPE, trajectory_picture
+from ..methods.trajectory import DEFAULT_VARIANT, TrajectoryRoPE, trajectory_picture
 
 SPLIT_MODEL = "Qwen/Qwen2.5-1.5B-Instruct"
 SPLIT_INSTRUCTION = (
@@ -84,13 +84,15 @@ def trajectory_video(
     rope_steps: int = 5,
     mask_steps: int = 30,
     frames_per_latent: int | None = None,
+    variant: str = DEFAULT_VARIANT,
     **kwargs: Any,
 ) -> TrajectoryOutput:
     """A video whose foreground follows `trajectory` (keyframes [[frame, y1, y2, x1, x2], ...]) or `points`
     (one point track). Text: `prompt`, and for Wan optionally `fg_prompt` + `bg_prompt` (or `splitter`: a
     model id for `split_prompt`, or a callable prompt -> (fg, bg)). Other keyword arguments go to the
     pipeline (num_frames, height, width, num_inference_steps, guidance_scale, generator, ...).
-    `frames_per_latent`: video frames per latent frame (None: from the pipeline's VAE and patch size)."""
+    `frames_per_latent`: video frames per latent frame, None or what the pipeline's VAE and temporal patch
+    imply (anything else is refused); `variant`: TrajectoryRoPE's, "official" or "attnpack"."""
     transformer = getattr(pipe, "transformer", None)
     family = family_of(transformer) if isinstance(transformer, torch.nn.Module) else None
     if family is None or family.name not in TrajectoryRoPE.families:
@@ -114,12 +116,19 @@ def trajectory_video(
         raise ValueError(
             "foreground / background prompts run on Wan; CogVideoX and HunyuanVideo take one prompt"
         )
-    per_latent = getattr(pipe, "vae_scale_factor_temporal", 4) * (
-        getattr(pipe.transformer.config, "patch_size_t", None) or 1
-    )
+    vae_temporal = getattr(pipe, "vae_scale_factor_temporal", 4)
+    patch_t = getattr(pipe.transformer.config, "patch_size_t", None) or 1
+    per_latent = vae_temporal * patch_t
+    if frames_per_latent is not None and frames_per_latent != per_latent:
+        raise ValueError(
+            f"trajectory_video: frames_per_latent={frames_per_latent!r} does not match this pipeline, whose "
+            f"latent frames hold {per_latent} video frames (VAE temporal scale {vae_temporal} x temporal patch "
+            f"{patch_t}); accepted: None or {per_latent}"
+        )
     method = TrajectoryRoPE(
         trajectory=trajectory or [], points=points, box_size=box_size, rope_steps=rope_steps,
         mask_steps=mask_steps, frames_per_latent=per_latent, fg_prompt=fg_prompt, bg_prompt=bg_prompt,
+        variant=variant,
     )  # fmt: skip
     num_frames = kwargs.get("num_frames", 81 if is_wan else 49)
     was_attached = getattr(pipe, STATE_ATTR, None) is not None

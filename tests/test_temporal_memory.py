@@ -101,7 +101,10 @@ def test_the_low_pass_filter_is_computed_once_per_grid():
     first = method.low_passes((16, 6, 5), method.windows(16))
     again = method.low_passes((16, 6, 5), method.windows(16))
     assert all(a is b for a, b in zip(first, again, strict=True))
-    assert torch.equal(first[1], gaussian_low_pass((16, 6, 5), 0.25, 0.25))
+    # variant="official" (the default): the public filter, off centre at the odd width
+    assert torch.equal(first[1], gaussian_low_pass((16, 6, 5), 0.25, 0.25, centred=False))
+    kept = FreeLongAttention(local_window=4, band_windows=(8,), variant="attnpack")
+    assert torch.equal(kept.low_passes((16, 6, 5), [4])[0], gaussian_low_pass((16, 6, 5), 0.25, 0.25))
 
 
 # ---- chunked references against one chunk

@@ -30,7 +30,9 @@ def test_keyframes_are_interpolated_and_held():
     assert box_at(keys, 5) == pytest.approx((0.25, 0.45, 0.3, 0.5))
     assert box_at(keys, 20) == (0.5, 0.7, 0.6, 0.8) and box_at(keys, 0) == (0.0, 0.2, 0.0, 0.2)
     # latent frame f is video frame 4 f: at frame 4, rows 0.2-0.4 and columns 0.24-0.44 of 10 tokens
-    assert token_boxes(keys, (3, 10, 10), 4) == [(0, 2, 0, 2), (2, 4, 2, 5), (4, 6, 4, 7)]
+    assert token_boxes(keys, (3, 10, 10), 4, variant="attnpack") == [(0, 2, 0, 2), (2, 4, 2, 5), (4, 6, 4, 7)]
+    # the public code's int() of every edge (tests/test_paper_exact_trajectory.py holds it to run.py)
+    assert token_boxes(keys, (3, 10, 10), 4) == [(0, 2, 0, 2), (2, 4, 2, 4), (4, 6, 4, 6)]
 
 
 @pytest.mark.parametrize(
@@ -72,9 +74,11 @@ def test_rope_remap_matches_the_wan_frequency_tables():
     latents = torch.zeros(1, 16, 3, 8, 12)  # patch (1, 2, 2): a 3 x 4 x 6 token grid
     grid = (3, 4, 6)
     cos, sin = rope(latents)
-    method = attnpack.TrajectoryRoPE(trajectory=[[0, 0.0, 0.5, 0.0, 0.5], [8, 0.25, 1.0, 0.5, 1.0]])
+    method = attnpack.TrajectoryRoPE(
+        trajectory=[[0, 0.0, 0.5, 0.0, 0.5], [8, 0.25, 1.0, 0.5, 1.0]], variant="attnpack"
+    )  # the whole box re-indexed; the official variant's positions: tests/test_paper_exact_trajectory.py
     new_cos, new_sin = method.remap((cos, sin), grid)
-    boxes = token_boxes(method.keyframes, grid, 4)
+    boxes = token_boxes(method.keyframes, grid, 4, variant="attnpack")
     smallest = min(boxes, key=lambda b: (b[1] - b[0]) * (b[3] - b[2]))
     t_dim, h_dim, w_dim = rope.t_dim, rope.h_dim, rope.w_dim
     tables = [t.split([t_dim, h_dim, w_dim], dim=1) for t in (rope.freqs_cos, rope.freqs_sin)]
@@ -134,7 +138,9 @@ def test_tiny_video_dits(name):
     stock = run_tiny(pipe, name)
     with attnpack.apply(pipe, attnpack.TrajectoryRoPE(trajectory=[])):
         assert max_diff(run_tiny(pipe, name), stock) == 0  # no foreground: the stock output
-    with attnpack.apply(pipe, attnpack.TrajectoryRoPE(trajectory=PATH)):
+    # attnpack's boxes: at these 2 x 3 token grids the official boxes minus their last row and column are
+    # empty, so the public re-index moves nothing there
+    with attnpack.apply(pipe, attnpack.TrajectoryRoPE(trajectory=PATH, variant="attnpack")):
         out = run_tiny(pipe, name)
     assert torch.isfinite(out).all() and max_diff(out, stock) > 0
     assert max_diff(run_tiny(pipe, name), stock) == 0  # hooks gone after remove

@@ -1,22 +1,29 @@
 """FreeLongAttention: SpectralBlend temporal attention for long videos (Lu et al., NeurIPS 2024).
 
 Each temporal attention runs twice: globally (every frame sees every frame) and locally (every frame sees
-exactly `local_window` frames around it, the window shifted inside at the ends). The outputs are blended
-in frequency: the low frequencies of the global output and the high frequencies of the local one, through
-a 3D FFT over (frames, height, width) and a Gaussian low-pass
+the frames around it). The outputs are blended in frequency: the low frequencies of the global output and
+the high frequencies of the local one, through a 3D FFT over (frames, height, width) and a Gaussian low-pass
 
     exp(-1/2 ((t / temporal_cutoff)^2 + (h / spatial_cutoff)^2 + (w / spatial_cutoff)^2))
 
-on centred frequencies normalised to [-1, 1], computed in float32. Any frame count and resolution.
-`skip_highest_resolution` leaves the motion modules at the latent's resolution global, as the paper does.
+on frequencies normalised to [-1, 1], computed in float32. Any frame count and resolution.
+
+`variant="official"` (default) is the public code (aniki-ly/FreeLong, LaVie / VideoCrafter2 `combine()`):
+the local mask of `get_adjusted_local_mask` (frames i - L/2 .. i + L/2, shifted to exactly L frames at the
+ends: L + 1 frames in the middle for an even L), its low-pass on `arange(n) * 2 / n - 1` (off centre by 1/n
+at odd sizes), both branches on the module's own frame positions (a masked call of the same attention), and
+at the motion modules of the latent's resolution (`skip_highest_resolution`) the local output alone.
+`variant="attnpack"`: exactly L frames per window, each with positions 0..L-1, a centred low-pass, and the
+global output at the latent's resolution.
 
 `band_windows` adds FreeLong++'s multi-band blend: wider local windows in between, each taking the band
-of frequencies between its neighbours. On Wan the branches are video self-attention: global, and frame
-bands (|frame distance| <= window // 2) in the block-sparse kernel, blended over the (F, H, W) token grid.
+of frequencies between its neighbours. On Wan the branches are video self-attention: global, and local
+frames (official: the public mask; attnpack: |frame distance| <= window // 2) in the block-sparse kernel,
+blended over the (F, H, W) token grid.
 
-Frame positions (AnimateDiff): the local branch gives each window positions 0..L-1; the global branch uses
-the module's own positions while the video fits its table, and beyond that positions squeezed into the
-trained window (nearest), so that no frame sees a position it was never trained on.
+Frame positions (AnimateDiff): the global branch uses the module's own positions while the video fits its
+table, and beyond that positions squeezed into the trained window (nearest), so that no frame sees a
+position it was never trained on.
 
 Memory: the blend runs with real FFTs over chunks of channels and writes into the global branch's buffer,
 so a call holds its branches' outputs and a few chunks beyond q, k and v (no full-size complex spectra).
@@ -35,21 +42,26 @@ import torch
 from ..families.base import AttnCall
 from ..kernels import block_sparse_attention, dense_attention, global_local_attention
 from ..layout import Role
-from ..patterns.frame_band import frame_band
+from ..patterns.frame_band import frame_band, frame_window, frame_window_mask
 from .base import AttentionMethod, check_choice, check_number
 from .needs import Needs
 from .temporal import defer_positions, position_offsets, table_length
 
 logger = logging.getLogger("attnpack")
+VARIANTS = ("official", "attnpack")
 
 
 def gaussian_low_pass(
-    shape: tuple[int, int, int], spatial_cutoff: float, temporal_cutoff: float
+    shape: tuple[int, int, int], spatial_cutoff: float, temporal_cutoff: float, *, centred: bool = True
 ) -> torch.Tensor:
-    """(T, H, W) float32 filter over fftshift-ed frequencies, 1 at the zero frequency."""
+    """(T, H, W) float32 filter over fftshift-ed frequencies. `centred`: 1 at the zero frequency; else the
+    public code's `arange(n) * 2 / n - 1`, the same at even sizes, 1/n below centre at odd ones (a size-1
+    axis, which the public code never meets, stays at its zero frequency)."""
 
     def axis(n: int) -> torch.Tensor:
-        return (torch.arange(n) - n // 2) / max(n / 2, 1)
+        if centred or n == 1:
+            return (torch.arange(n) - n // 2) / max(n / 2, 1)
+        return torch.arange(n).float() * 2 / n - 1
 
     t, h, w = (axis(n) for n in shape)
     exponent = (t[:, None, None] / temporal_cutoff) ** 2 + (h[None, :, None] / spatial_cutoff) ** 2
@@ -59,10 +71,10 @@ def gaussian_low_pass(
 
 @functools.lru_cache(maxsize=32)
 def _cached_low_pass(
-    shape: tuple[int, int, int], spatial_cutoff: float, temporal_cutoff: float
+    shape: tuple[int, int, int], spatial_cutoff: float, temporal_cutoff: float, centred: bool = True
 ) -> torch.Tensor:
     """gaussian_low_pass, computed once per (grid, cutoffs): the same filter serves every layer and step."""
-    return gaussian_low_pass(shape, spatial_cutoff, temporal_cutoff)
+    return gaussian_low_pass(shape, spatial_cutoff, temporal_cutoff, centred=centred)
 
 
 CHUNK_SIZE = 1 << 22  # values per chunk of the blend (16 MiB in float32): wide enough for whole cache lines
@@ -162,13 +174,16 @@ def spectral_blend(
 class FreeLongAttention(AttentionMethod):
     """SpectralBlend temporal attention: `local_window` frames per local window, `spatial_cutoff` /
     `temporal_cutoff` the Gaussian's width on normalised frequencies, `band_windows` wider local windows
-    for FreeLong++'s multi-band blend (each band's temporal cutoff scaled by local_window / window)."""
+    for FreeLong++'s multi-band blend (each band's temporal cutoff scaled by local_window / window),
+    `skip_highest_resolution`: no blend at the latent's resolution (official: local output; attnpack:
+    global), `variant`: "official" (the public code) or "attnpack" (see the module docstring)."""
 
     local_window: int = 16
     spatial_cutoff: float = 0.25
     temporal_cutoff: float = 0.25
     skip_highest_resolution: bool = True
     band_windows: tuple[int, ...] = ()
+    variant: str = "official"
 
     name: ClassVar[str] = "freelong"
     needs: ClassVar[Needs] = Needs(runner="long_video", tab="Long video")
@@ -192,6 +207,7 @@ class FreeLongAttention(AttentionMethod):
         check_number(owner, "spatial_cutoff", self.spatial_cutoff, low=0, low_inclusive=False)
         check_number(owner, "temporal_cutoff", self.temporal_cutoff, low=0, low_inclusive=False)
         check_choice(owner, "skip_highest_resolution", self.skip_highest_resolution, (True, False))
+        check_choice(owner, "variant", self.variant, VARIANTS)
         if isinstance(self.band_windows, int) or not all(
             isinstance(w, int) and not isinstance(w, bool) and w > self.local_window
             for w in self.band_windows
@@ -209,10 +225,17 @@ class FreeLongAttention(AttentionMethod):
         """Local window sizes from the widest band to `local_window`, those shorter than the video."""
         return [w for w in (*self.band_windows, self.local_window) if w < frames]
 
+    @property
+    def official(self) -> bool:
+        return self.variant == "official"
+
     def low_passes(self, grid: tuple[int, int, int], windows: list[int]) -> list[torch.Tensor]:
         return [
             _cached_low_pass(
-                tuple(grid), self.spatial_cutoff, self.temporal_cutoff * self.local_window / window
+                tuple(grid),
+                self.spatial_cutoff,
+                self.temporal_cutoff * self.local_window / window,
+                not self.official,
             )
             for window in windows
         ]
@@ -237,24 +260,30 @@ class FreeLongAttention(AttentionMethod):
         ctx = call.context
         highest = spatial is not None and ctx.grid is not None and tuple(spatial) == tuple(ctx.grid[-2:])
         windows = self.windows(frames)
-        if not windows or (self.skip_highest_resolution and highest):
+        skip = self.skip_highest_resolution and highest
+        if not windows or (skip and not self.official):
             query, key, value = call.query, call.key, call.value
             if global_offsets is not None:
                 query, key, value = (
                     x + o.to(x.dtype) for x, o in zip((query, key, value), global_offsets, strict=True)
                 )
             return dense_attention(query, key, value, scale=call.scale)
-        branches = []
-        for window in windows:  # widest first; the kernel gives the global output with each local one
-            local_offsets = (
-                None if global_offsets is None else position_offsets(call.module, torch.arange(window))
-            )
-            global_out, local_out = global_local_attention(
-                call.query, call.key, call.value, window,
-                global_offsets=global_offsets, local_offsets=local_offsets, scale=call.scale,
-            )  # fmt: skip
-            branches = branches or [global_out]
-            branches.append(local_out)
+        if self.official:
+            branches = self.masked_branches(call, windows, global_offsets, local_only=skip)
+            if skip:
+                return branches[-1]
+        else:
+            branches = []
+            for window in windows:  # widest first; the kernel gives the global output with each local one
+                local_offsets = (
+                    None if global_offsets is None else position_offsets(call.module, torch.arange(window))
+                )
+                global_out, local_out = global_local_attention(
+                    call.query, call.key, call.value, window,
+                    global_offsets=global_offsets, local_offsets=local_offsets, scale=call.scale,
+                )  # fmt: skip
+                branches = branches or [global_out]
+                branches.append(local_out)
         if spatial is None:
             logger.info(
                 "FreeLongAttention: no spatial grid for %s, blending over frames only", call.site.name
@@ -268,9 +297,30 @@ class FreeLongAttention(AttentionMethod):
         spectral_blend([grid(b) for b in branches], low_passes, dims=(3, 1, 2), out=grid(branches[0]))
         return branches[0]
 
+    def masked_branches(
+        self, call: AttnCall, windows: list[int], global_offsets, *, local_only: bool = False
+    ):
+        """The public code's branches over frames: one attention on the module's own positions, unmasked
+        (global) and under each window's `frame_window_mask` (local); `local_only`: the narrowest alone.
+        Runs over chunks of about CHUNK_SIZE values of sequences, written into the branches' outputs."""
+        query, key, value = call.query, call.key, call.value
+        sequences, frames, heads, dim = query.shape
+        masks = [frame_window_mask(frames, w, device=query.device) for w in windows]
+        masks = masks[-1:] if local_only else [None, *masks]
+        outputs = [torch.empty_like(query) for _ in masks]
+        step = max(1, CHUNK_SIZE // (frames * heads * max(dim, frames)))
+        for lo in range(0, sequences, step):
+            rows = slice(lo, lo + step)
+            q, k, v = query[rows], key[rows], value[rows]
+            if global_offsets is not None:
+                q, k, v = (x + o.to(x.dtype) for x, o in zip((q, k, v), global_offsets, strict=True))
+            for out, mask in zip(outputs, masks, strict=True):
+                out[rows] = dense_attention(q, k, v, attn_mask=mask, scale=call.scale)
+        return outputs
+
     def attend_video_tokens(self, call: AttnCall) -> torch.Tensor:
-        """A video DiT: global attention and frame bands of each window (|frame distance| <= window // 2)
-        in the block-sparse kernel, blended over the token grid."""
+        """A video DiT: global attention and each window's local frames (official: `frame_window`;
+        attnpack: |frame distance| <= window // 2) in the block-sparse kernel, blended over the token grid."""
         grid = call.layout.grid
         if grid is None or len(grid) != 3:
             raise RuntimeError(f"FreeLongAttention: no video grid for {call.site.name}; attach the pipeline")
@@ -280,7 +330,10 @@ class FreeLongAttention(AttentionMethod):
             return global_out
         branches = [global_out]
         for window in windows:
-            pattern = frame_band(grid, window // 2, device=call.query.device)
+            if self.official:
+                pattern = frame_window(grid, window, device=call.query.device)
+            else:
+                pattern = frame_band(grid, window // 2, device=call.query.device)
             branches.append(
                 block_sparse_attention(call.query, call.key, call.value, pattern, scale=call.scale)
             )

@@ -6,9 +6,12 @@ with the frame positions 0..L-1 the module was trained with, and every frame's o
 its windows' outputs, weighted by its place in each window (`weighting`). The paper's noise rescheduling
 is `reschedule_noise`; `attnpack.pipelines.long_video` puts both together, with prompts per frame.
 
-`fusion="attention"` (default) fuses each temporal attention, as the paper describes; `fusion="block"`
-fuses once per motion-module transformer block, after both temporal attentions, as diffusers'
-`enable_free_noise` does (and then equals it, tested, where diffusers fuses every window fully).
+`fusion="attention"` (default) fuses each temporal attention, as the authors' VideoCrafter code does
+(AILab-CVC/FreeNoise, `lvdm/modules/attention_freenoise.py`: the windows are fused inside the attention's
+forward); `fusion="block"` fuses once per motion-module transformer block, after both temporal attentions,
+as the authors' AnimateDiff port and diffusers' `enable_free_noise` do (and then equals diffusers', tested,
+where diffusers fuses every window fully). Wan has no temporal blocks: there the windows are always fused
+per attention, and `fusion="block"` is refused when applied.
 
 On Wan (video self-attention over frames x height x width tokens) the windows are `context_length` latent
 frames (Wan 2.1 trained on 21: 81 frames), each a contiguous slice of the token sequence attended on its
@@ -151,10 +154,12 @@ class FreeNoiseAttention(AttentionMethod):
         windows before its feed-forward (the family's `TemporalBlocks.fuse_windows`; undo puts it back)."""
         undo = []
         for family, model, modules in temporal_modules(processors, denoisers):
-            # Video DiTs have no temporal blocks: their windows are fused per attention.
-            modules = [m for m in modules if site_of(m).role is Role.TEMPORAL]
-            if not modules:
-                continue
+            if any(site_of(m).role is not Role.TEMPORAL for m in modules):  # a video DiT: no temporal blocks
+                raise ValueError(
+                    f"FreeNoiseAttention: fusion='block' is not accepted on {family.title}, whose windows are "
+                    "frames of video self-attention with no temporal blocks to fuse; accepted there: "
+                    "fusion='attention'"
+                )
             blocks = family.temporal_blocks(model)
             if blocks is None:
                 raise ValueError(

@@ -14,6 +14,13 @@ An object follows a user's path of boxes, training-free:
   background tokens only the background text. `attnpack.pipelines.trajectory_video` feeds the texts and
   says so in the context (`AttnContext.text_parts`).
 
+`variant="official"` (default) is the public code (HaofeiDing/DiTraj `run.py`, `transformer_wan.py`, `pipe.py`):
+boxes interpolated as `plan_path` does and ended at `int(y2 * H)`, the box minus its last row and column
+re-indexed (the corners `find_corners` finds, used as slice ends), the reference the first box smallest by
+that measure, nearest rows `linspace(0, h - 1, n).round()` inside the reference box. `variant="attnpack"`:
+boxes ended at `ceil(y2 * H)` (a box covers every token it touches, at least one), the whole box re-indexed
+from the smallest whole box, nearest rows rounded in grid coordinates. Both mask the whole box.
+
 Masks run in the block-sparse kernel as token segments. Trajectories are keyframe boxes
 `[[frame, y1, y2, x1, x2], ...]` in normalised units (DiTraj / FreeTraj format), linearly interpolated, or
 point tracks `[[{"x": .., "y": ..}, ...]]` (ComfyUI / ATI) turned into boxes of a given size.
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -38,7 +46,15 @@ from ..patterns.subjects import segment_pattern
 from .base import AttentionMethod, SparseAttention, check_number, dense_attention_of, run_sparse
 from .needs import Input, Needs
 
+logger = logging.getLogger("attnpack")
 BACKGROUND, FOREGROUND, R_TOKEN, TEXT, FOREGROUND_TEXT = 0, 1, 2, 3, 4
+VARIANTS = ("official", "attnpack")
+DEFAULT_VARIANT = "official"
+
+
+def _check_variant(owner: str, variant: str) -> None:
+    if variant not in VARIANTS:
+        raise ValueError(f"{owner}: variant={variant!r} is not accepted; accepted: {', '.join(VARIANTS)}")
 
 
 def parse_trajectory(trajectory: Any) -> list[tuple[int, float, float, float, float]]:
@@ -93,44 +109,87 @@ def points_to_trajectory(
     return parse_trajectory(keyframes)
 
 
-def box_at(keyframes, frame: float) -> tuple[float, float, float, float]:
-    """The (y1, y2, x1, x2) box at a (fractional) video frame: linear between keyframes, held outside."""
+def box_at(keyframes, frame: float, *, variant: str = "attnpack") -> tuple[float, float, float, float]:
+    """The (y1, y2, x1, x2) box at a (fractional) video frame: linear between keyframes, held outside.
+    variant="official" computes it as the public `plan_path` does, `(frame - f0) * ((b - a) / (f1 - f0)) + a`
+    (the same up to rounding, which `int()` of the box ends can see)."""
+    _check_variant("box_at", variant)
     if frame <= keyframes[0][0]:
         return keyframes[0][1:]
     for (f0, *b0), (f1, *b1) in itertools.pairwise(keyframes):
         if frame <= f1:
+            if variant == "official":
+                return tuple((frame - f0) * ((b - a) / (f1 - f0)) + a for a, b in zip(b0, b1, strict=True))
             t = (frame - f0) / (f1 - f0)
             return tuple(a + t * (b - a) for a, b in zip(b0, b1, strict=True))
     return keyframes[-1][1:]
 
 
 def token_boxes(
-    keyframes, grid: tuple[int, int, int], frames_per_latent: int
+    keyframes, grid: tuple[int, int, int], frames_per_latent: int, *, variant: str = DEFAULT_VARIANT
 ) -> list[tuple[int, int, int, int]]:
-    """Per latent frame the box in tokens (h1, h2, w1, w2), ends exclusive, at least one token."""
+    """Per latent frame the box in tokens (h1, h2, w1, w2), ends exclusive. official: `int()` of every
+    edge, as the public `run.py` (a box may cover no token: no foreground there); attnpack: ends rounded
+    up, at least one token."""
+    _check_variant("token_boxes", variant)
     frames, height, width = grid
     boxes = []
     for f in range(frames):
-        y1, y2, x1, x2 = box_at(keyframes, f * frames_per_latent)
+        y1, y2, x1, x2 = box_at(keyframes, f * frames_per_latent, variant=variant)
+        if variant == "official":
+            boxes.append((int(y1 * height), int(y2 * height), int(x1 * width), int(x2 * width)))
+            continue
         h1, w1 = min(int(y1 * height), height - 1), min(int(x1 * width), width - 1)
         h2, w2 = max(math.ceil(y2 * height), h1 + 1), max(math.ceil(x2 * width), w1 + 1)
         boxes.append((h1, min(h2, height), w1, min(w2, width)))
     return boxes
 
 
-def remap_index(grid: tuple[int, int, int], boxes) -> tuple[torch.Tensor, torch.Tensor]:
+def remap_index(
+    grid: tuple[int, int, int], boxes, *, variant: str = DEFAULT_VARIANT
+) -> tuple[torch.Tensor, torch.Tensor]:
     """STD-RoPE as a gather: (source token per token (S,), foreground mask (S,)). A foreground token at
-    (f, h, w) takes (f, h_ref, w_ref) from the smallest box, sampled nearest-neighbour in larger boxes."""
+    (f, h, w) takes (f, h_ref, w_ref) from the smallest box, sampled nearest-neighbour in larger boxes.
+    official: the box minus its last row and column is re-indexed, from the first box smallest by that
+    measure (boxes under two tokens high or wide, where the public code fails, keep their positions and are
+    no reference); attnpack: the whole box, from the smallest whole box. The foreground is the whole box."""
+    _check_variant("remap_index", variant)
     frames, height, width = grid
     index = torch.arange(frames * height * width).reshape(frames, height, width)
     source = index.clone()
     foreground = torch.zeros(frames, height, width, dtype=torch.bool)
+    for f, (h1, h2, w1, w2) in enumerate(boxes):
+        foreground[f, h1:h2, w1:w2] = True
+    if variant == "official":
+        moved = [(h1, h2 - 1, w1, w2 - 1) for h1, h2, w1, w2 in boxes]  # corners as slice ends
+        area = lambda b: max(b[1] - b[0], 0) * max(b[3] - b[2], 0)  # noqa: E731
+        usable = [f for f in range(len(moved)) if area(moved[f]) > 0]
+        if len(usable) < len(moved) and usable:
+            logger.info(
+                "TrajectoryRoPE(variant='official'): at a %d x %d token grid some boxes are under two tokens "
+                "high or wide, where the public code fails; the smallest box of two or more tokens each way "
+                "is the reference and the thinner boxes keep their own positions",
+                height,
+                width,
+            )
+        if not usable:
+            return source.flatten(), foreground.flatten()
+        r = moved[min(usable, key=lambda f: (area(moved[f]), f))]
+        for f, (h1, h2, w1, w2) in enumerate(moved):
+            if area((h1, h2, w1, w2)) == 0:
+                continue
+            if (h2 - h1, w2 - w1) == (r[1] - r[0], r[3] - r[2]):
+                rows, cols = torch.arange(r[0], r[1]), torch.arange(r[2], r[3])
+            else:
+                rows = r[0] + torch.linspace(0, r[1] - r[0] - 1, h2 - h1).round().long()
+                cols = r[2] + torch.linspace(0, r[3] - r[2] - 1, w2 - w1).round().long()
+            source[f, h1:h2, w1:w2] = index[f][rows[:, None], cols[None, :]]
+        return source.flatten(), foreground.flatten()
     r = min(boxes, key=lambda b: (b[1] - b[0]) * (b[3] - b[2]))
     for f, (h1, h2, w1, w2) in enumerate(boxes):
         rows = torch.linspace(r[0], r[1] - 1, h2 - h1).round().long()
         cols = torch.linspace(r[2], r[3] - 1, w2 - w1).round().long()
         source[f, h1:h2, w1:w2] = index[f][rows[:, None], cols[None, :]]
-        foreground[f, h1:h2, w1:w2] = True
     return source.flatten(), foreground.flatten()
 
 
@@ -146,7 +205,8 @@ class TrajectoryRoPE(AttentionMethod):
     """Trajectory control. `trajectory`: keyframe boxes (or `points`: a point track with `box_size`);
     `rope_steps`: steps with STD-RoPE and the R-token mask; `mask_steps`: steps with separated foreground /
     background text (Wan, with `fg_prompt` / `bg_prompt`); `frames_per_latent`: video frames per latent frame
-    (4 for Wan, HunyuanVideo, CogVideoX 1.0; 8 for CogVideoX 1.5)."""
+    (4 for Wan, HunyuanVideo, CogVideoX 1.0; 8 for CogVideoX 1.5); `variant`: "official" (the public code's
+    boxes and re-index) or "attnpack" (see the module docstring)."""
 
     trajectory: list = field(default_factory=list)
     fg_prompt: str | None = None
@@ -156,6 +216,7 @@ class TrajectoryRoPE(AttentionMethod):
     points: list | None = None
     box_size: tuple[float, float] = (0.2, 0.2)
     frames_per_latent: int = 4
+    variant: str = DEFAULT_VARIANT
 
     name: ClassVar[str] = "trajectory"
     needs: ClassVar[Needs] = Needs(
@@ -186,6 +247,7 @@ class TrajectoryRoPE(AttentionMethod):
         check_number(owner, "rope_steps", self.rope_steps, low=0, integer=True)
         check_number(owner, "mask_steps", self.mask_steps, low=0, integer=True)
         check_number(owner, "frames_per_latent", self.frames_per_latent, low=1, integer=True)
+        _check_variant(owner, self.variant)
         if (self.fg_prompt is None) != (self.bg_prompt is None):
             raise ValueError(f"{owner}: give both fg_prompt and bg_prompt, or neither")
         self._background_text_len: int | None = None  # only through the deprecated background_text_len
@@ -212,7 +274,7 @@ class TrajectoryRoPE(AttentionMethod):
 
     def layout(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(source token per token, foreground mask) of STD-RoPE at a token grid (see `remap_index`)."""
-        return _remap_layout(tuple(self.keyframes), tuple(grid), self.frames_per_latent)
+        return _remap_layout(tuple(self.keyframes), tuple(grid), self.frames_per_latent, self.variant)
 
     def rope_now(self, ctx) -> bool:
         return bool(self.keyframes) and ctx.grid is not None and (ctx.step_index or 0) < self.rope_steps
@@ -266,13 +328,21 @@ class TrajectoryRoPE(AttentionMethod):
             parts = self.text_parts(ctx)
             if parts is None or len(parts) != 2 or step >= self.mask_steps or call.key.shape[1] != sum(parts):
                 return dense_attention_of(call)  # plain text (the unconditional pass, or later steps)
-            pattern = _text_pattern(tuple(self.keyframes), self.frames_per_latent, grid, tuple(parts), device)
+            pattern = _text_pattern(
+                tuple(self.keyframes), self.frames_per_latent, self.variant, grid, tuple(parts), device
+            )
             return SparseAttention(pattern, call.scale)
         if step >= self.rope_steps:
             return dense_attention_of(call)
         text_len = layout.text_len if layout.role is Role.JOINT else 0
         pattern = _r_token_pattern(
-            tuple(self.keyframes), self.frames_per_latent, grid, text_len, layout.text_first, device
+            tuple(self.keyframes),
+            self.frames_per_latent,
+            self.variant,
+            grid,
+            text_len,
+            layout.text_first,
+            device,
         )
         return SparseAttention(pattern, call.scale)
 
@@ -282,8 +352,9 @@ class TrajectoryRoPE(AttentionMethod):
 
 
 @functools.lru_cache(maxsize=64)
-def _remap_layout(keyframes: tuple, grid: tuple[int, int, int], frames_per_latent: int):
-    return remap_index(grid, token_boxes(keyframes, grid, frames_per_latent))
+def _remap_layout(keyframes: tuple, grid: tuple[int, int, int], frames_per_latent: int, variant: str):
+    boxes = token_boxes(keyframes, grid, frames_per_latent, variant=variant)
+    return remap_index(grid, boxes, variant=variant)
 
 
 def _segmented(q_segments: torch.Tensor, k_segments: torch.Tensor, allow: torch.Tensor, device: str):
@@ -292,9 +363,11 @@ def _segmented(q_segments: torch.Tensor, k_segments: torch.Tensor, allow: torch.
 
 
 @functools.lru_cache(maxsize=64)
-def _text_pattern(keyframes: tuple, frames_per_latent: int, grid: tuple, parts: tuple[int, int], device: str):
+def _text_pattern(
+    keyframes: tuple, frames_per_latent: int, variant: str, grid: tuple, parts: tuple[int, int], device: str
+):
     """Foreground video tokens see the foreground text only, background tokens the background text."""
-    _, foreground = _remap_layout(keyframes, grid, frames_per_latent)
+    _, foreground = _remap_layout(keyframes, grid, frames_per_latent, variant)
     q = foreground.to(torch.int32)  # BACKGROUND 0 / FOREGROUND 1
     background, foreground_text = parts
     k = torch.cat([torch.full((background,), TEXT), torch.full((foreground_text,), FOREGROUND_TEXT)])
@@ -305,10 +378,16 @@ def _text_pattern(keyframes: tuple, frames_per_latent: int, grid: tuple, parts: 
 
 @functools.lru_cache(maxsize=64)
 def _r_token_pattern(
-    keyframes: tuple, frames_per_latent: int, grid: tuple, text_len: int, text_first: bool, device: str
+    keyframes: tuple,
+    frames_per_latent: int,
+    variant: str,
+    grid: tuple,
+    text_len: int,
+    text_first: bool,
+    device: str,
 ):
     """Every token sees every token, but foreground and R tokens do not see each other."""
-    source, foreground = _remap_layout(keyframes, grid, frames_per_latent)
+    source, foreground = _remap_layout(keyframes, grid, frames_per_latent, variant)
     video = foreground.to(torch.int32)
     video[r_tokens(source, foreground)] = R_TOKEN
     text = torch.full((text_len,), TEXT, dtype=torch.int32)
