@@ -24,12 +24,16 @@ def frame_band(
 ) -> BlockSparsePattern:
     """Pattern over a raster (F, H, W) video grid: query frame f sees key frames f - radius .. f + radius.
     Tokens stay in raster order (frames are contiguous), so the band is whole blocks but at frame edges."""
-    if len(grid) != 3 or min(grid) < 1:
-        raise ValueError(f"frame_band: grid={grid!r} must be (frames, height, width) of positive sizes")
-    if isinstance(radius, bool) or not isinstance(radius, int) or radius < 0:
-        raise ValueError(f"frame_band: radius={radius!r} must be an integer >= 0 (frames)")
+    _check("frame_band", grid, "radius", radius, low=0)
     blocks = blocks or default_blocks(device=device)
     return _frame_band(tuple(grid), radius, tuple(blocks), str(torch.device(device)))
+
+
+def _check(owner: str, grid, name: str, frames, *, low: int) -> None:
+    if len(grid) != 3 or min(grid) < 1:
+        raise ValueError(f"{owner}: grid={grid!r} must be (frames, height, width) of positive sizes")
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < low:
+        raise ValueError(f"{owner}: {name}={frames!r} must be an integer >= {low} (frames)")
 
 
 @functools.lru_cache(maxsize=32)
@@ -74,10 +78,7 @@ def frame_window(
     """`frame_window_mask` over a raster (F, H, W) video grid, as token segments: queries of the first frames
     see the first `window` frames, those of the last frames the last `window`, the others a band of radius
     window // 2."""
-    if len(grid) != 3 or min(grid) < 1:
-        raise ValueError(f"frame_window: grid={grid!r} must be (frames, height, width) of positive sizes")
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"frame_window: window={window!r} must be an integer >= 1 (frames)")
+    _check("frame_window", grid, "window", window, low=1)
     blocks = blocks or default_blocks(device=device)
     return _frame_window(tuple(grid), window, tuple(blocks), str(torch.device(device)))
 
