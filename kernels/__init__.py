@@ -6,80 +6,57 @@ ATTNPACK_KERNEL_BACKEND, else "auto" chooses, the same way for every op; `backen
 machine can run, `registry()` every op's backends.
 """
 
-from __future__ import annotations
+if __name__ == "kernels":
+    # Python run from the repository root has this checkout first on sys.path, where this folder shadows
+    # Hugging Face's `kernels` package (transformers installs it; diffusers imports it when present). That
+    # import gets the installed package, found as if the checkout were not on sys.path, or the error of a
+    # missing one; attnpack's ops are attnpack.kernels. (The import returns what sys.modules holds.)
+    import importlib.machinery
+    import importlib.util
+    import sys
+    from pathlib import Path
 
-import importlib.metadata
-import importlib.util
-
-import torch
-
-from .backend import ENV_VAR, current_backend, set_backend, use_backend
-from .bipartite_match import best_match
-from .block_sparse_attention import block_sparse_attention, block_sparse_attention_backward
-from .dense import dense_attention
-from .dispatch import Backend, interpreting, registry
-from .temporal_windows import global_local_attention, local_window_attention, windowed_attention
-
-
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def backends() -> list[Backend]:
-    """The attention backends this machine has, with why one is missing."""
-    cuda = torch.cuda.is_available()
-    triton = _version("triton")
-    found = []
-    if triton is None:
-        found.append(Backend("triton", False, "not installed (Linux only)"))
-    elif cuda:
-        found.append(Backend("triton", True, f"triton {triton} on {torch.cuda.get_device_name()}"))
-    else:
-        where = "Triton's interpreter is on" if interpreting() else "TRITON_INTERPRET=1 tests"
-        found.append(Backend("triton", False, f"triton {triton} installed; no CUDA GPU ({where})"))
-
-    if cuda:
-        enabled = [
-            name
-            for name, on in (
-                ("flash", torch.backends.cuda.flash_sdp_enabled()),
-                ("mem_efficient", torch.backends.cuda.mem_efficient_sdp_enabled()),
-                ("cudnn", torch.backends.cuda.cudnn_sdp_enabled()),
-                ("math", torch.backends.cuda.math_sdp_enabled()),
-            )
-            if on
-        ]
-        found.append(Backend("sdpa", True, f"CUDA: {', '.join(enabled)}"))
-    else:
-        found.append(Backend("sdpa", True, "CPU"))
-
-    flex = importlib.util.find_spec("torch.nn.attention.flex_attention") is not None
-    found.append(
-        Backend("flex_attention", flex, "comparison backend" if flex else f"torch {torch.__version__}")
+    _checkout = Path(__file__).resolve().parents[1]
+    _elsewhere = [entry for entry in sys.path if Path(entry or ".").resolve() != _checkout]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None or _spec.loader is None:
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    _installed = importlib.util.module_from_spec(_spec)
+    sys.modules[__name__] = _installed
+    _spec.loader.exec_module(_installed)
+else:
+    from .ops import (
+        ENV_VAR,
+        Backend,
+        backends,
+        best_match,
+        block_sparse_attention,
+        block_sparse_attention_backward,
+        current_backend,
+        dense_attention,
+        global_local_attention,
+        interpreting,
+        local_window_attention,
+        registry,
+        set_backend,
+        use_backend,
+        windowed_attention,
     )
-    xformers = _version("xformers")
-    found.append(
-        Backend("xformers", xformers is not None, xformers or "not installed (extra: attnpack[xformers])")
-    )
-    return found
 
-
-__all__ = [
-    "ENV_VAR",
-    "Backend",
-    "backends",
-    "best_match",
-    "block_sparse_attention",
-    "block_sparse_attention_backward",
-    "current_backend",
-    "dense_attention",
-    "global_local_attention",
-    "local_window_attention",
-    "registry",
-    "set_backend",
-    "use_backend",
-    "windowed_attention",
-]
+    __all__ = [
+        "ENV_VAR",
+        "Backend",
+        "backends",
+        "best_match",
+        "block_sparse_attention",
+        "block_sparse_attention_backward",
+        "current_backend",
+        "dense_attention",
+        "global_local_attention",
+        "interpreting",
+        "local_window_attention",
+        "registry",
+        "set_backend",
+        "use_backend",
+        "windowed_attention",
+    ]

@@ -4,6 +4,7 @@ attnpack/ (attnpack/kernels -> ../kernels, ...), so the source tree is the packa
 from the repository root imports the same package as from anywhere else."""
 
 import importlib.machinery
+import json
 import os
 import shutil
 import subprocess
@@ -66,10 +67,54 @@ def test_the_interpreter_imports_them_from_anywhere(where, tmp_path):
 
 
 def test_the_source_folders_are_never_top_level_modules(tmp_path):
-    """A Hugging Face package named `kernels` exists, and diffusers imports it when it finds one."""
+    """A Hugging Face package named `kernels` exists (transformers installs it) and diffusers imports it when
+    it finds one: the install must not provide these names; what finds them is someone else's package."""
     check = (
-        "import importlib.util as u; print([n for n in ('kernels', 'pipelines', 'app') if u.find_spec(n)])"
+        "import importlib.util as u, json; "
+        "print(json.dumps({n: getattr(u.find_spec(n), 'origin', None) for n in ('kernels', 'pipelines', 'app')}))"
     )
     result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == "[]"
+    for name, origin in json.loads(result.stdout).items():
+        ours = (REPO / name / "__init__.py").resolve()
+        assert origin is None or Path(origin).resolve() != ours, (name, origin)
+
+
+def installed_kernels_package(root: Path) -> Path:
+    """A stand-in for Hugging Face's `kernels` where site-packages would hold it."""
+    (root / "kernels").mkdir(parents=True)
+    (root / "kernels" / "__init__.py").write_text("class CUDAProperties:\n    pass\n")
+    return root
+
+
+@pytest.mark.parametrize("installed", [True, False])
+def test_a_top_level_import_from_the_repository_root_gets_the_installed_package(installed, tmp_path):
+    """From the root, ./kernels shadows the installed `kernels`: it hands the import over (diffusers' and
+    transformers' `from kernels import ...`), or fails as a missing package does. Run without site-packages
+    (-S), so that the stand-in is the only `kernels` installed, or none is."""
+    site = installed_kernels_package(tmp_path / "site") if installed else tmp_path
+    probe = (
+        "import sys\n"
+        "try:\n"
+        "    from kernels import CUDAProperties\n"
+        "    print(sys.modules['kernels'].__file__)\n"
+        "except ModuleNotFoundError as missing:\n"
+        "    assert missing.name == 'kernels', missing\n"
+        "    print('missing')\n"
+        "print(sorted(name for name in sys.modules if name.startswith('kernels')))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-S", "-c", probe], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    found, modules = result.stdout.splitlines()
+    assert found == (str(site / "kernels" / "__init__.py") if installed else "missing")
+    assert modules == ("['kernels']" if installed else "[]")
+
+
+def test_diffusers_imports_from_the_repository_root():
+    """What broke the app in CI: `python -m attnpack.app` from the root with Hugging Face's kernels installed."""
+    probe = "import diffusers.loaders.peft, attnpack.pipelines.generate"
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]

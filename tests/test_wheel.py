@@ -83,8 +83,10 @@ def test_wheel_in_a_clean_venv(tmp_path):
         for name in packages:
             module = importlib.import_module(name)
             assert module.__file__.startswith({site!r}), (name, module.__file__)
-        for top in ("kernels", "pipelines", "app"):
-            assert importlib.util.find_spec(top) is None, top
+        for top in ("kernels", "pipelines", "app"):  # Hugging Face's kernels may be installed, not ours
+            spec = importlib.util.find_spec(top)
+            ours = ({site!r} + "/" + top, {str(REPO)!r} + "/" + top)
+            assert spec is None or not spec.origin.startswith(ours), (top, spec.origin)
         for line in importlib.metadata.requires("attnpack"):
             requirement = Requirement(line)
             if requirement.marker is not None and not requirement.marker.evaluate({{"extra": ""}}):
