@@ -10,7 +10,7 @@ from .block_sparse import (
     default_blocks,
 )
 from .clear import clear_window
-from .frame_band import frame_band
+from .frame_band import frame_band, frame_window, frame_window_mask
 from .radial import radial
 from .tiling import concat_orders, grid_coordinates, identity_order, inverse_order, tile, tile_order, untile
 
@@ -25,6 +25,8 @@ __all__ = [
     "concat_orders",
     "default_blocks",
     "frame_band",
+    "frame_window",
+    "frame_window_mask",
     "grid_coordinates",
     "identity_order",
     "inverse_order",
