@@ -11,6 +11,7 @@ import torch
 
 from . import parallel
 from .context import SITE_ATTR, AttentionSite, AttnContext, DenoiserHook, StepCounter
+from .fallback import CoverageReport, warn_once
 from .families import FAMILIES, Family, family_of
 from .families.base import processor_of
 from .methods import AttentionMethod, make_method
@@ -36,9 +37,18 @@ class Attachment:
         return next((site for m, site in self.modules if m is module), None)
 
 
+def carry_attention_backend(source: Any, target: Any) -> None:
+    """Hand the diffusers attention backend that `set_attention_backend` gave `source` to `target`, the
+    processor that replaces it, so that a backend set (or reset) before `apply` or before `remove` stays so."""
+    if hasattr(source, "_attention_backend") and hasattr(target, "_attention_backend"):
+        target._attention_backend = source._attention_backend
+
+
 def restore_processor(module: torch.nn.Module, site: AttentionSite | None, processor: Any) -> None:
-    """Put a processor back; under diffusers' context parallelism it gets the model's config, which
-    `enable_parallelism` gave only to the processors installed when it ran (attnpack's, if it came after)."""
+    """Put a processor back, on the attention backend its replacement ran on; under diffusers' context
+    parallelism it gets the model's config, which `enable_parallelism` gave only to the processors installed
+    when it ran (attnpack's, if it came after)."""
+    carry_attention_backend(processor_of(module), processor)
     module.set_processor(processor)
     config = parallel.context_parallel_config(site.denoiser_model if site is not None else None)
     if (
@@ -102,6 +112,9 @@ def attach(pipe) -> AttnContext:
         hooks.append(
             model.register_forward_pre_hook(DenoiserHook(context, family, attr, steps), with_kwargs=True)
         )
+        report = CoverageReport(context.coverage, attr)
+        hooks.append(model.register_forward_pre_hook(report.start, with_kwargs=True))
+        hooks.append(model.register_forward_hook(report.end, with_kwargs=True))
 
     for module, site in modules:
         setattr(module, SITE_ATTR, site)
@@ -134,6 +147,18 @@ def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
             f"(layer roles {roles}); this pipeline has {found}, with no such layer"
         )
     sites = dict(attachment.modules)
+    idle = {module: method.idle_reason(sites[module]) for module in targets}
+    targets = [module for module in targets if idle[module] is None]
+    if not targets:
+        reasons = sorted(set(idle.values()))
+        warn_once(
+            ("apply", method.name, *reasons),
+            "attnpack.apply: %r acts on no layer of this pipeline, so nothing was installed (%d layers of its "
+            "families and roles, each idle: %s)",
+            method.name,
+            len(idle),
+            "; ".join(reasons),
+        )
     for (
         module
     ) in targets:  # under diffusers' parallelism: refuse what would be wrong, before changing anything
@@ -147,6 +172,7 @@ def apply(pipe, method: str | AttentionMethod, **config: Any) -> Handle:
     for module, processor in processors.items():
         handle.replaced[module] = module.processor
         handle.installed[module] = processor
+        carry_attention_backend(module.processor, processor)
         module.set_processor(processor)
     attachment.handles.append(handle)
     return handle
@@ -196,7 +222,13 @@ class Handle:
 
     @property
     def num_layers(self) -> int:
-        return len(self.replaced)
+        """How many attention layers this apply put the method on (0: it acts on none of them)."""
+        return len(self.installed)
+
+    @property
+    def layers(self) -> list[str]:
+        """The names of those layers ("unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1", ...)."""
+        return [self.attachment.site_of(module).name for module in self.installed]
 
     def remove(self) -> None:
         """Put back what this apply replaced. Applies stack: removing one in the middle hands its
@@ -222,7 +254,7 @@ class Handle:
         self.remove()
 
     def __repr__(self) -> str:
-        state = "removed" if self.removed else f"{self.num_layers} layers"
+        state = "removed" if self.removed else f"on {self.num_layers} layers"
         return f"<attnpack.Handle {self.method!r}: {state}>"
 
 

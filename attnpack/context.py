@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from .fallback import ForwardCoverage
 from .layout import Role
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ class AttnContext:
         self.site: AttentionSite | None = None
         self.sites: list[AttentionSite] = []
         self.memo: dict[str, Any] = {}  # small caches of families and methods, e.g. a grid read off ids
+        self.coverage = ForwardCoverage()  # which layers of the current denoiser call fell back to dense
         self._manual_steps = False
         # Run state of the methods on this pipeline, by method object (see `state_for`).
         self._states: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

@@ -149,6 +149,11 @@ class Family(ABC):
     # later, more semantic layers by default start there. None: the family does not say.
     deep_layers_start: int | None = None
 
+    def downsample_factor(self, model: torch.nn.Module, name: str) -> int | None:
+        """How many times smaller than the latent token grid the attention module `name` works (UNets' lower
+        levels); None where the family does not say (transformers attend at one resolution)."""
+        return None
+
     def rotary(self, model: torch.nn.Module) -> Rotary | None:
         """The denoiser's rotary position embedding, for methods that change it; None without one."""
         return None

@@ -285,6 +285,22 @@ class UNetFamily(Family):
         stage = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}.get(name.split(".", 1)[0], 3)
         return (stage,)
 
+    def downsample_factor(self, model: torch.nn.Module, name: str) -> int | None:
+        """How many times smaller than the latent the module's feature map is, from where it sits: every
+        down block's downsampler before it halves it, every up block's upsampler before it doubles it."""
+        stage, _, rest = name.partition(".")
+        halvings = lambda blocks: sum(getattr(b, "downsamplers", None) is not None for b in blocks)  # noqa: E731
+        doublings = lambda blocks: sum(getattr(b, "upsamplers", None) is not None for b in blocks)  # noqa: E731
+        index = int(rest.split(".", 1)[0]) if rest[:1].isdigit() else None
+        if stage == "down_blocks" and index is not None:
+            return 2 ** halvings(model.down_blocks[:index])
+        deepest = halvings(model.down_blocks)
+        if stage == "mid_block":
+            return 2**deepest
+        if stage == "up_blocks" and index is not None:
+            return 2 ** max(deepest - doublings(model.up_blocks[:index]), 0)
+        return None
+
     def read_inputs(self, model, inputs: dict[str, Any], ctx) -> None:
         sample = inputs.get("sample")  # (B, C, H, W), or (B, C, F, H, W) for UNetMotionModel
         if sample is None:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from ..context import site_of
+from ..fallback import fall_back
 from ..families.base import AttnCall, unflatten_heads
 from ..kernels import best_match, dense_attention
 from ..kernels.dispatch import log_once
@@ -288,6 +289,12 @@ class AgentAttention(AttentionMethod):
         )
         return hidden_states
 
+    def idle_reason(self, site) -> str | None:
+        factor = site.family.downsample_factor(site.denoiser_model, site.local_name)
+        if factor is not None and factor > self.max_downsample:
+            return f"it works at 1/{factor} of the latent's resolution, beyond max_downsample={self.max_downsample}"
+        return None
+
     def before_projection(self, attn, site, hidden_states, encoder_hidden_states, attention_mask):
         metric = self._metric(attn, site, hidden_states) if site is not None else hidden_states
         plain_self_attention = (
@@ -392,10 +399,13 @@ class PooledAgentAttention(AttentionMethod):
 
     def attend(self, call: AttnCall) -> torch.Tensor:
         layout, mask = call.layout, call.attn_mask
-        if layout.grid is None or len(layout.grid) not in (2, 3) or self.dense_now(call):
+        if self.dense_now(call):
+            return dense(call)
+        if layout.grid is None or len(layout.grid) not in (2, 3):
+            fall_back(self, call, "no image or video grid")
             return dense(call)
         if mask is not None and (mask.ndim != 4 or mask.shape[-2] != 1):
-            logger.info("PooledAgentAttention: %s has a per-query mask, running it dense", call.site.name)
+            fall_back(self, call, "a per-query attention mask")
             return dense(call)
         frames, height, width = (1, *layout.grid) if len(layout.grid) == 2 else layout.grid
         visual = layout.visual_slice

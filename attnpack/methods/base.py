@@ -12,7 +12,7 @@ import torch
 from .. import parallel
 from ..context import SITE_ATTR
 from ..families import ADAPTERS_BY_MODULE
-from ..families.base import AttnCall
+from ..families.base import AttnCall, processor_of
 from ..kernels import block_sparse_attention, dense_attention
 from ..layout import Role
 from ..patterns.block_sparse import BlockSparsePattern
@@ -51,6 +51,7 @@ class AttentionMethod:
     context_parallel: ClassVar[frozenset[str]] = frozenset()
     context_parallel_note: ClassVar[str] = ""
     _parallel_config = None  # diffusers' enable_parallelism sets it on processors that declare it
+    _attention_backend = None  # diffusers' set_attention_backend sets it likewise; dense parts run on it
 
     # The union of the families' processor signatures. diffusers' `Attention` forwards only keyword
     # arguments this signature names, so every one a family passes is spelled out. FLUX and Wan pass the
@@ -100,8 +101,12 @@ class AttentionMethod:
         family = site.family.name if site is not None else adapter.name
         if config is not None:
             out = parallel.attend(self, call, config)
+        elif self.acts_on(family, call.layout.role):
+            if ctx is not None:
+                ctx.coverage.act(self)
+            out = self.attend(call)
         else:
-            out = self.attend(call) if self.acts_on(family, call.layout.role) else dense(call)
+            out = dense(call)
         extra_out = [self.attend_context(call, key, value) for key, value in call.extra_context]
         result = adapter.finish(call, out, extra_out)
         return result if prepared is None else self.after_output(prepared, result)
@@ -126,6 +131,11 @@ class AttentionMethod:
     def acts_on(cls, family: str, role: Role) -> bool:
         """Whether the method acts on layers of this role in this family."""
         return family in cls.families and role in cls.family_roles.get(family, cls.roles)
+
+    def idle_reason(self, site) -> str | None:
+        """Why the method would run plain dense attention on every call of this layer of a family and role it
+        acts on (AgentSD below `max_downsample`), or None: `attnpack.apply` leaves such layers alone."""
+        return None
 
     def before_projection(
         self,
@@ -157,7 +167,7 @@ class AttentionMethod:
 
     def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """Attention of the call's queries to one extra context (Wan I2V's image tokens): dense by default."""
-        return dense_attention(call.query, key, value, scale=call.scale)
+        return model_dense_attention(call, call.query, key, value, scale=call.scale)
 
     def preview_pattern(self, grid: tuple[int, ...]) -> BlockSparsePattern | None:
         """The pattern the method would use at a latent token grid ((h, w) or (f, h, w)), for pictures; None
@@ -174,7 +184,34 @@ class AttentionMethod:
 
 
 def dense(call: AttnCall) -> torch.Tensor:
-    return dense_attention(call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale)
+    return model_dense_attention(
+        call, call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale
+    )
+
+
+def attention_backend_of(call: AttnCall):
+    """The diffusers attention backend the call's dense attention should run on, or None for attnpack's own
+    dense kernel: the one `set_attention_backend` gave the module's processor, else diffusers' active one
+    (`attention_backend(...)` blocks, DIFFUSERS_ATTN_BACKEND) when that is not plain SDPA."""
+    backend = getattr(processor_of(call.module), "_attention_backend", None)
+    if backend is not None:
+        return backend
+    from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+
+    active = _AttentionBackendRegistry._active_backend
+    return None if active == AttentionBackendName.NATIVE else active
+
+
+def model_dense_attention(call: AttnCall, query, key, value, *, attn_mask=None, scale=None) -> torch.Tensor:
+    """Dense attention of (B, S, H, D) tensors, on the backend the user chose for the model
+    (`attention_backend_of`), so that flash / sage / flex reach the parts of a method that are plain
+    attention; attnpack's dense kernel where none was chosen."""
+    backend = attention_backend_of(call)
+    if backend is None:
+        return dense_attention(query, key, value, attn_mask=attn_mask, scale=scale)
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    return dispatch_attention_fn(query, key, value, attn_mask=attn_mask, scale=scale, backend=backend)
 
 
 def run_sparse(call: AttnCall, spec: SparseAttention, extra: tuple | None = None) -> torch.Tensor:

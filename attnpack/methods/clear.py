@@ -27,6 +27,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..context import site_of
+from ..fallback import fall_back
 from ..families.base import AttnCall
 from ..layout import Role
 from ..patterns.clear import clear_window
@@ -116,7 +117,7 @@ class ClearAttention(AttentionMethod):
     def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None:
-            logger.info("ClearAttention: no image grid for %s, running it dense", call.site.name)
+            fall_back(self, call, "no image grid")
             return dense_attention_of(call)
         pattern = clear_window(
             layout.grid,

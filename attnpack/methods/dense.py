@@ -16,12 +16,13 @@ from ..families.base import AttnCall
 from ..kernels import dense_attention
 from ..kernels.dense import BACKENDS
 from ..layout import Role
-from .base import AttentionMethod, SparseAttention, check_choice, dense_attention_of
+from .base import AttentionMethod, SparseAttention, check_choice, dense, dense_attention_of
 
 
 @dataclass(eq=False, repr=False)
 class DenseAttention(AttentionMethod):
-    """Full attention. `backend`: "sdpa" (PyTorch's fused kernels) or "reference" (float32 math)."""
+    """Full attention. `backend`: "sdpa" (PyTorch's fused kernels, or the diffusers backend the model was
+    given with `set_attention_backend`) or "reference" (float32 math)."""
 
     backend: str = "sdpa"
 
@@ -34,6 +35,8 @@ class DenseAttention(AttentionMethod):
         check_choice("DenseAttention", "backend", self.backend, BACKENDS)
 
     def attend(self, call: AttnCall) -> torch.Tensor:
+        if self.backend == "sdpa":  # or what the user set with set_attention_backend, as stock would run
+            return dense(call)
         return dense_attention(
             call.query, call.key, call.value, attn_mask=call.attn_mask, scale=call.scale, backend=self.backend
         )
@@ -42,4 +45,6 @@ class DenseAttention(AttentionMethod):
         return dense_attention_of(call)
 
     def attend_context(self, call: AttnCall, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        if self.backend == "sdpa":
+            return super().attend_context(call, key, value)
         return dense_attention(call.query, key, value, scale=call.scale, backend=self.backend)

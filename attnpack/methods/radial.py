@@ -14,6 +14,7 @@ from typing import ClassVar
 
 import torch
 
+from ..fallback import fall_back
 from ..families.base import AttnCall
 from ..layout import Role
 from ..patterns.radial import VARIANTS, radial
@@ -100,16 +101,13 @@ class RadialAttention(AttentionMethod):
     def sparse_attention(self, call: AttnCall) -> SparseAttention:
         layout = call.layout
         if layout.grid is None or len(layout.grid) != 3:
-            logger.info("RadialAttention: no video grid for %s, running it dense", call.site.name)
+            fall_back(self, call, "no video grid")
             return dense_attention_of(call)
         if self.dense_now(call):
             return dense_attention_of(call)
         padding = key_padding(call)
         if padding is False:
-            logger.info(
-                "RadialAttention: %s has an attention mask that is not key padding, running it dense",
-                call.site.name,
-            )
+            fall_back(self, call, "an attention mask that is not key padding")
             return dense_attention_of(call)
         num_frames, height, width = layout.grid
         pattern = radial(
