@@ -2,6 +2,8 @@
 parts of every method run through `dispatch_attention_fn` on the model's backend, and the stock processors
 that `remove()` brings back keep the backend that was set while attnpack was in."""
 
+import math
+
 import pytest
 import torch
 from diffusers.models import attention_dispatch
@@ -21,7 +23,7 @@ def math_calls(monkeypatch):
     backend = REGISTRY._backends[MATH]
 
     def counted(**kwargs):
-        calls.append(kwargs["query"].shape)
+        calls.append((kwargs["query"].shape, kwargs["key"].shape))
         return backend(**kwargs)
 
     monkeypatch.setitem(REGISTRY._backends, MATH, counted)
@@ -79,4 +81,25 @@ def test_the_reference_dense_backend_stays_attnpacks(math_calls):
     with attnpack.apply(pipe, "dense", backend="reference"):
         out = run_tiny(pipe, "tiny-flux")
     assert not math_calls  # "reference" is attnpack's float32 math, asked for by name
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "settings"),
+    [
+        ("tiny-wan-t2v", "freelong", {}),  # its global branch: every video query to every video key
+        ("tiny-flux", "pooled_agent", {"agent_grid": 4}),  # the text queries attend densely
+    ],
+)
+def test_the_plain_attention_inside_a_method_runs_on_the_backend(name, method, settings, math_calls):
+    pipe = tiny_pipeline(name)
+    pipe.transformer.set_attention_backend(MATH.value)
+    with attnpack.apply(pipe, method, **settings) as handle:
+        assert handle.num_layers > 0
+        out = run_tiny(pipe, name)
+    ctx = attnpack.attach(pipe)
+    image, text = math.prod(ctx.grid), ctx.text_len
+    # on the layers the method acts on, not only the cross-attention it leaves to the stock path
+    expected = (image, image) if method == "freelong" else (text, text + image)
+    assert expected in [(q[1], k[1]) for q, k in math_calls]
     assert torch.isfinite(out).all()

@@ -38,7 +38,7 @@ from ..families.base import AttnCall, unflatten_heads
 from ..kernels import best_match, dense_attention
 from ..kernels.dispatch import log_once
 from ..layout import Role, downsampled_grid
-from .base import AttentionMethod, check_choice, check_number, dense
+from .base import AttentionMethod, check_choice, check_number, dense, model_dense_attention
 
 logger = logging.getLogger("attnpack")
 MATCH_ON = ("block_input", "normed")
@@ -432,8 +432,8 @@ class PooledAgentAttention(AttentionMethod):
         if layout.role is not Role.JOINT or not layout.text_len:
             return visual_out
         text = layout.text_slice
-        text_out = dense_attention(
-            call.query[:, text], call.key, call.value, attn_mask=mask, scale=call.scale
+        text_out = model_dense_attention(
+            call, call.query[:, text], call.key, call.value, attn_mask=mask, scale=call.scale
         )
         parts = (text_out, visual_out) if layout.text_first else (visual_out, text_out)
         return torch.cat(parts, dim=1)

@@ -43,7 +43,7 @@ from ..families.base import AttnCall
 from ..kernels import block_sparse_attention, dense_attention, global_local_attention
 from ..layout import Role
 from ..patterns.frame_band import frame_band, frame_window, frame_window_mask
-from .base import AttentionMethod, check_choice, check_number
+from .base import AttentionMethod, check_choice, check_number, model_dense_attention
 from .needs import Needs
 from .temporal import defer_positions, position_offsets, table_length
 
@@ -267,7 +267,7 @@ class FreeLongAttention(AttentionMethod):
                 query, key, value = (
                     x + o.to(x.dtype) for x, o in zip((query, key, value), global_offsets, strict=True)
                 )
-            return dense_attention(query, key, value, scale=call.scale)
+            return model_dense_attention(call, query, key, value, scale=call.scale)
         if self.official:
             branches = self.masked_branches(call, windows, global_offsets, local_only=skip)
             if skip:
@@ -324,7 +324,7 @@ class FreeLongAttention(AttentionMethod):
         grid = call.layout.grid
         if grid is None or len(grid) != 3:
             raise RuntimeError(f"FreeLongAttention: no video grid for {call.site.name}; attach the pipeline")
-        global_out = dense_attention(call.query, call.key, call.value, scale=call.scale)
+        global_out = model_dense_attention(call, call.query, call.key, call.value, scale=call.scale)
         windows = self.windows(grid[0])
         if not windows:
             return global_out

@@ -47,7 +47,7 @@ from ..patterns.subjects import (
     resize_mask,
     segment_pattern,
 )
-from .base import AttentionMethod, check_choice, check_number, dense
+from .base import AttentionMethod, check_choice, check_number, dense, model_dense_attention
 from .needs import Input, Needs
 
 logger = logging.getLogger("attnpack")
@@ -350,7 +350,8 @@ class IsolationAttention(AttentionMethod):
         prepared: IsolationPrepared = call.prepared
         rows, grid, masks = prepared.rows, prepared.grid, prepared.masks
         out = torch.zeros_like(call.query)
-        out[:rows] = dense_attention(
+        out[:rows] = model_dense_attention(
+            call,
             call.query[:rows],
             call.key[:rows],
             call.value[:rows],
