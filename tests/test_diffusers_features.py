@@ -36,6 +36,7 @@ def cache(config):
 
 
 FEATURES = {
+    "model CPU offload": (lambda pipe: pipe.enable_model_cpu_offload(device=CPU), 0.0),  # accelerate's hooks
     "group offload": (group_offload, 0.0),
     "VAE tiling": (lambda pipe: pipe.vae.enable_tiling(), 0.0),
     "LoRA": (lora, 0.0),
